@@ -1,0 +1,132 @@
+"""Turn any supported input into a clean, upright 8-bit grayscale PIL image, or raise a clear error.
+
+Training (its cache) and serving both go through ``load_image``, so they see the same pixels.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP")
+ACCEPTED_TEXT = "PNG, JPEG, TIFF, BMP or WebP (8- or 16-bit, grayscale or colour)"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom")
+MAX_PIXELS = 60_000_000  # ~7700 x 7700; anything larger is refused before decoding
+MIN_SIDE = 16
+
+
+class ImageDecodeError(ValueError):
+    """An input that is not a usable image; the message is one line meant for the user."""
+
+
+def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
+    """Decode ``source`` (path, bytes, PIL image or numpy array) into an upright mode-'L' image.
+
+    >>> img = load_image("xray.png")            # doctest: +SKIP
+    >>> img.mode
+    'L'
+    """
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
+    if isinstance(source, Image.Image):
+        return _to_gray(ImageOps.exif_transpose(source), label)
+    if isinstance(source, np.ndarray):
+        return _array_to_gray(source, label)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageDecodeError(f"{label}: no such file")
+        data = path.read_bytes()
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        raise ImageDecodeError(f"{label}: unsupported input type {type(source).__name__}; pass a path, bytes, a PIL image or a numpy array")
+    return decode_bytes(data, label)
+
+
+def decode_bytes(data: bytes, label: str = "image") -> Image.Image:
+    if len(data) == 0:
+        raise ImageDecodeError(f"{label}: file is empty (0 bytes); expected {ACCEPTED_TEXT}")
+    if len(data) > 132 and data[128:132] == b"DICM":
+        raise ImageDecodeError(f"{label}: DICOM files are not supported yet; export the image as 16-bit PNG")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        kind = _sniff(data)
+        raise ImageDecodeError(f"{label}: not a recognised image{kind}; expected {ACCEPTED_TEXT}") from None
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(f"{label}: image is too large to decode safely (limit {MAX_PIXELS:,} pixels)") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageDecodeError(f"{label}: {image.format} images are not accepted; expected {ACCEPTED_TEXT}")
+    check_size(image.size, label)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"{label}: corrupt or truncated {image.format} data ({e})") from None
+    return _to_gray(ImageOps.exif_transpose(image), label)
+
+
+def check_size(size: tuple[int, int], label: str) -> None:
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise ImageDecodeError(f"{label}: image is {w}x{h} pixels, above the {MAX_PIXELS:,}-pixel limit; downscale it first")
+    if min(w, h) < MIN_SIDE:
+        raise ImageDecodeError(f"{label}: image is only {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:8]
+    if head.startswith(b"%PDF"):
+        return " (it is a PDF)"
+    if head[:4] in (b"PK\x03\x04",):
+        return " (it is a ZIP archive)"
+    try:
+        data[:512].decode("utf-8")
+        return " (it looks like text)"
+    except UnicodeDecodeError:
+        return ""
+
+
+def _to_gray(image: Image.Image, label: str) -> Image.Image:
+    check_size(image.size, label)
+    mode = image.mode
+    if mode == "L":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _array_to_gray(np.asarray(image), label)
+    if mode in ("LA", "RGBA", "PA", "P", "La", "RGBa"):
+        # Transparent areas become black, the background of a radiograph.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+        return image.convert("RGB").convert("L") if mode != "1" else image.convert("L")
+    raise ImageDecodeError(f"{label}: unsupported pixel mode {mode!r}; expected grayscale or colour {ACCEPTED_TEXT}")
+
+
+def _array_to_gray(array: np.ndarray, label: str) -> Image.Image:
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] in (1, 3, 4):
+        if a.dtype == np.uint8:
+            mode = {1: "L", 3: "RGB", 4: "RGBA"}[a.shape[-1]]
+            return _to_gray(Image.fromarray(a[..., 0] if mode == "L" else a, mode), label)
+        a = a[..., :3].mean(axis=-1) if a.shape[-1] >= 3 else a[..., 0]
+    if a.ndim != 2:
+        raise ImageDecodeError(f"{label}: array of shape {a.shape} is not an image; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    check_size((a.shape[1], a.shape[0]), label)
+    if a.dtype == np.uint8:
+        return Image.fromarray(a, "L")
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ImageDecodeError(f"{label}: array dtype {a.dtype} is not supported; expected uint8, uint16, int or float")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ImageDecodeError(f"{label}: image contains NaN or infinite values")
+    # High bit depth: stretch the range actually used to 8 bits instead of clipping the top bits.
+    lo, hi = float(a.min()), float(a.max())
+    scaled = np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")

@@ -1,0 +1,149 @@
+"""FracturePredictor: load a trained model folder and answer X-ray images."""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import WEIGHTS_NAME, ModelConfig
+from .explain import gradcam, overlay, resize_heatmap
+from .hub import resolve_model_dir
+from .imaging import ImageDecodeError, ImageInput, load_image
+from .model import build_model, load_weights
+from .transforms import build_eval_transform
+
+
+@dataclass
+class Result:
+    """One item of ``predict_batch``: probabilities and decision, or an error message."""
+
+    probabilities: dict[str, float] | None = None
+    prediction: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Explanation:
+    probabilities: dict[str, float]
+    prediction: str
+    heatmap: np.ndarray  # float32 (H, W) in [0, 1], at the original image's size
+    overlay: Image.Image  # RGB, the original image with the heat map blended in
+    image: Image.Image = field(repr=False)  # the decoded grayscale input
+
+
+class FracturePredictor:
+    """Fracture / no-fracture probabilities and Grad-CAM explanations for X-ray images.
+
+    >>> p = FracturePredictor.from_pretrained()          # doctest: +SKIP
+    >>> p.predict("wrist.png")                          # doctest: +SKIP
+    {'fractured': 0.83, 'not fractured': 0.17}
+    """
+
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, device: str | torch.device | None = None):
+        self.config = config
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.transform = build_eval_transform(config)
+        self.model = model.to(self.device).eval()
+        # Grad-CAM on the last block needs gradients only from the head back to that block.
+        self.target_layer = self.model.layer4[-1]
+        self.model.requires_grad_(False)
+        self.target_layer.requires_grad_(True)
+        self.model.fc.requires_grad_(True)
+        self._cam_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, revision: str | None = None, device: str | torch.device | None = None) -> FracturePredictor:
+        """Load the bundled model (default), a local model folder, or a Hub repo id ``user/repo[@rev]``."""
+        folder = resolve_model_dir(source, revision)
+        config = ModelConfig.load(folder)
+        model = load_weights(build_model(config), folder / WEIGHTS_NAME)
+        return cls(model, config, device)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.labels)
+
+    def preprocess(self, image: ImageInput) -> tuple[Image.Image, torch.Tensor]:
+        decoded = load_image(image)
+        return decoded, self.transform(decoded)
+
+    def _probabilities(self, logits: torch.Tensor) -> list[dict[str, float]]:
+        probs = torch.softmax(logits.float() / self.config.temperature, dim=1).cpu().numpy()
+        pos, neg = self.config.positive_index, 1 - self.config.positive_index
+        # Positive label first, so a gr.Label or a CSV reads naturally.
+        return [{self.config.labels[pos]: float(row[pos]), self.config.labels[neg]: float(row[neg])} for row in probs]
+
+    def decide(self, probabilities: dict[str, float]) -> str:
+        """The label at the model's operating threshold."""
+        positive = probabilities[self.config.positive_label] >= self.config.threshold
+        return self.config.positive_label if positive else self.config.negative_label
+
+    @torch.inference_mode()
+    def predict_tensors(self, batch: torch.Tensor) -> list[dict[str, float]]:
+        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return self._probabilities(self.model(batch))
+
+    def predict(self, image: ImageInput) -> dict[str, float]:
+        """Probabilities for both labels; raises ImageDecodeError for an unusable input."""
+        _, tensor = self.preprocess(image)
+        return self.predict_tensors(tensor[None])[0]
+
+    def predict_batch(self, items: Iterable[ImageInput], batch_size: int = 32, workers: int = 2) -> list[Result]:
+        """One Result per item, in order; an undecodable item gets ``Result(error=...)``."""
+        items = list(items)
+        results: list[Result] = [Result() for _ in items]
+
+        def prepare(item: ImageInput) -> torch.Tensor | str:
+            try:
+                return self.preprocess(item)[1]
+            except ImageDecodeError as e:
+                return str(e)
+
+        # Decoding in threads (PIL releases the GIL) overlaps with the forward pass of the last batch.
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            prepared = pool.map(prepare, items)
+            pending: list[tuple[int, torch.Tensor]] = []
+            for index, value in enumerate(prepared):
+                if isinstance(value, str):
+                    results[index] = Result(error=value)
+                else:
+                    pending.append((index, value))
+                if len(pending) == batch_size or (index == len(items) - 1 and pending):
+                    probs = self.predict_tensors(torch.stack([t for _, t in pending]))
+                    for (i, _), p in zip(pending, probs):
+                        results[i] = Result(probabilities=p, prediction=self.decide(p))
+                    pending = []
+        return results
+
+    def explain(self, image: ImageInput, alpha: float = 0.4, target: str | None = None) -> Explanation:
+        """Probabilities, a Grad-CAM heat map for ``target`` (default: the positive label) and its overlay."""
+        decoded, tensor = self.preprocess(image)
+        target = target or self.config.positive_label
+        if target not in self.config.labels:
+            raise ValueError(f"target must be one of {self.config.labels}, got {target!r}")
+        batch = tensor[None].to(self.device).contiguous(memory_format=torch.channels_last)
+        with self._cam_lock:
+            heatmap, logits = gradcam(self.model, self.target_layer, batch, self.config.labels.index(target))
+        probabilities = self._probabilities(logits)[0]
+        heatmap = resize_heatmap(heatmap, decoded.size)
+        return Explanation(
+            probabilities=probabilities,
+            prediction=self.decide(probabilities),
+            heatmap=heatmap,
+            overlay=overlay(decoded, heatmap, alpha),
+            image=decoded,
+        )
+
+    def __repr__(self) -> str:
+        return f"FracturePredictor(labels={self.labels}, size={self.config.input_size}, threshold={self.config.threshold}, device={self.device})"
+
