@@ -36,7 +36,7 @@ class EvalTransform:
         if image.mode != "L":
             raise ValueError(f"EvalTransform expects a grayscale 'L' image (use bonefrac.imaging.load_image), got mode {image.mode!r}")
         # Squash, not crop: a fracture at the edge of the film must stay in view.
-        return np.asarray(image.resize((self.size, self.size), self.resample), dtype=np.uint8)
+        return np.array(image.resize((self.size, self.size), self.resample), dtype=np.uint8)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W) or (B, 1, H, W) -> float32 (B, 3, H, W)."""
