@@ -36,17 +36,15 @@ def predict_command(args: argparse.Namespace) -> int:
     predictor = FracturePredictor.from_pretrained(args.model, device=args.device)
     pos, neg = predictor.config.positive_label, predictor.config.negative_label
     rows = []
-    chunk = max(1, args.batch_size) * 4
     with tqdm(total=len(files), desc="predict", unit="img", file=sys.stderr, disable=args.quiet or len(files) < 2) as bar:
-        for start in range(0, len(files), chunk):
-            part = files[start:start + chunk]
-            for path, result in zip(part, predictor.predict_batch(part, batch_size=args.batch_size)):
-                if result.ok:
-                    rows.append({"path": str(path), "fractured": f"{result.probabilities[pos]:.6f}",
-                                 "not fractured": f"{result.probabilities[neg]:.6f}", "prediction": result.prediction, "error": ""})
-                else:
-                    rows.append({"path": str(path), "fractured": "", "not fractured": "", "prediction": "", "error": result.error})
-            bar.update(len(part))
+        results = (r for batch in predictor.iter_predict(files, batch_size=args.batch_size) for r in batch)
+        for path, result in zip(files, results):
+            if result.ok:
+                rows.append({"path": str(path), "fractured": f"{result.probabilities[pos]:.6f}",
+                             "not fractured": f"{result.probabilities[neg]:.6f}", "prediction": result.prediction, "error": ""})
+            else:
+                rows.append({"path": str(path), "fractured": "", "not fractured": "", "prediction": "", "error": result.error})
+            bar.update(1)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

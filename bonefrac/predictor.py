@@ -5,7 +5,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -99,9 +99,14 @@ class FracturePredictor:
         return self.predict_tensors(tensor[None])[0]
 
     def predict_batch(self, items: Iterable[ImageInput], batch_size: int = 32, workers: int = 2) -> list[Result]:
-        """One Result per item, in order; an undecodable item gets ``Result(error=...)``."""
+        """One Result per item, in order; an undecodable item gets ``Result(error=...)``, never an exception."""
+        return [result for batch in self.iter_predict(items, batch_size, workers) for result in batch]
+
+    def iter_predict(self, items: Iterable[ImageInput], batch_size: int = 32, workers: int = 2) -> Iterator[list[Result]]:
+        """Yield the Results batch by batch; decoding of the next batch (threads: PIL releases the GIL)
+        overlaps the forward pass of this one, with at most two batches in memory."""
         items = list(items)
-        results: list[Result] = [Result() for _ in items]
+        chunks = [items[i:i + batch_size] for i in range(0, len(items), max(1, batch_size))]
 
         def prepare(item: ImageInput) -> torch.Tensor | str:
             try:
@@ -109,21 +114,18 @@ class FracturePredictor:
             except ImageDecodeError as e:
                 return str(e)
 
-        # Decoding in threads (PIL releases the GIL) overlaps with the forward pass of the last batch.
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            prepared = pool.map(prepare, items)
-            pending: list[tuple[int, torch.Tensor]] = []
-            for index, value in enumerate(prepared):
-                if isinstance(value, str):
-                    results[index] = Result(error=value)
-                else:
-                    pending.append((index, value))
-                if len(pending) == batch_size or (index == len(items) - 1 and pending):
-                    probs = self.predict_tensors(torch.stack([t for _, t in pending]))
-                    for (i, _), p in zip(pending, probs):
+            upcoming = [pool.submit(prepare, x) for x in chunks[0]] if chunks else []
+            for k in range(len(chunks)):
+                current = upcoming
+                upcoming = [pool.submit(prepare, x) for x in chunks[k + 1]] if k + 1 < len(chunks) else []
+                values = [f.result() for f in current]
+                results = [Result(error=v) if isinstance(v, str) else None for v in values]
+                good = [i for i, v in enumerate(values) if not isinstance(v, str)]
+                if good:
+                    for i, p in zip(good, self.predict_tensors(torch.stack([values[i] for i in good]))):
                         results[i] = Result(probabilities=p, prediction=self.decide(p))
-                    pending = []
-        return results
+                yield results
 
     def explain(self, image: ImageInput, alpha: float = 0.4, target: str | None = None) -> Explanation:
         """Probabilities, a Grad-CAM heat map for ``target`` (default: the positive label) and its overlay."""

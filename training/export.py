@@ -30,6 +30,21 @@ def _fmt(m: dict, key: str) -> str:
     return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
+def _provenance(train: dict, metrics: dict, size: int) -> str:
+    """How the weights were made, following fine-tuning back to the first stage."""
+    stages, t = [], train
+    while t:
+        stages.append(t)
+        t = t.get("init_from")
+    lines = []
+    for i, t in enumerate(reversed(stages), 1):
+        start = {"scratch": "from scratch", "imagenet": "from torchvision's ImageNet weights"}.get(t.get("init"), "from the previous stage's weights")
+        px = t.get("size") or (size if i == len(stages) else "?")
+        lines.append(f"- Stage {i}: {px} px, {start}; best epoch {t.get('best_epoch', '?')} of "
+                     f"{t.get('epochs_run', '?')} by validation AUC. Command: `{t.get('command') or metrics.get('command') or 'python -m training.train ...'}`")
+    return "\n".join(lines)
+
+
 def render_card(config: ModelConfig, metrics: dict, repo_id: str | None = None) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -94,9 +109,7 @@ radiographs (hand, leg, hip, shoulder), the regions it was trained on.
 - Extra training data: {', '.join(Path(p).name for p in data.get('extra_train', [])) or 'none'} (the Kaggle
   "Bone Fracture Multi-Region X-ray Data"; licence unclear, research use).
 - {data.get('unusable', 0)} unreadable or unsupported files were left out (truncated JPEGs, GIF/palette/RGBA files).
-- Trained from scratch ({train.get('init', 'scratch')} initialisation); best epoch {train.get('best_epoch', '?')} of {train.get('epochs_run', '?')} by validation AUC.
-
-Command: `{train.get('command') or metrics.get('command') or 'python -m training.train ...'}`
+{_provenance(train, metrics, config.input_size)}
 
 ## Evaluation
 

@@ -56,7 +56,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--class-weights", choices=["balanced", "none"], default="balanced", help="loss weights against class imbalance")
     p.add_argument("--ema-decay", type=float, default=0.997, help="EMA of weights for evaluation (0 disables)")
     p.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better val AUC (0: never)")
-    p.add_argument("--init", choices=["scratch", "imagenet"], default="scratch")
+    p.add_argument("--init", default="scratch", help="scratch, imagenet (torchvision's weights; needs network), or a model/run "
+                   "folder to fine-tune from (its normalisation is kept)")
     p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto", help="auto: bf16 autocast on CUDA, and on CPUs with native bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2, help="processes decoding images for the cache")
@@ -127,13 +128,12 @@ def _limit(samples, n: int, seed: int):
 
 
 def prepare_data(args, transform: EvalTransform) -> Data:
-    log = print if not getattr(args, "quiet", False) else (lambda *a, **k: None)
     main_samples = [s for root in args.data for s in _limit(scan_dataset(root), args.limit, args.seed)]
     extra_samples = [s for root in args.extra_train for s in _limit(scan_dataset(root), args.limit, args.seed)]
     cache_dir = str(args.cache_dir) if args.cache_dir and str(args.cache_dir) else None
     decoded = decode_samples(main_samples + extra_samples, transform, args.interpolation, cache_dir, args.workers, not args.no_progress)
     rejected = Counter(reason for _, reason in decoded.rejected)
-    log(f"data: {len(decoded.samples)} usable images, {len(decoded.rejected)} unusable left out (not moved; see `python -m training.data clean`)")
+    print(f"data: {len(decoded.samples)} usable images, {len(decoded.rejected)} unusable left out (not moved; see `python -m training.data clean`)")
 
     main_set = set(main_samples)
     is_main = np.array([s in main_set for s in decoded.samples], dtype=bool)
@@ -152,14 +152,14 @@ def prepare_data(args, transform: EvalTransform) -> Data:
                        [decoded.sha256[i] for i in held], decoded.phash[held])
     dropped = Counter(decoded.samples[i].dataset for i in train[leaks])
     if leaks.any():
-        log(f"leak filter: dropped {int(leaks.sum())} training images that copy a val/test image ({dict(dropped)})")
+        print(f"leak filter: dropped {int(leaks.sum())} training images that copy a val/test image ({dict(dropped)})")
     train = train[~leaks]
     val, test = np.flatnonzero(splits == "val"), np.flatnonzero(splits == "test")
     if len(val) == 0 or len(test) == 0:
         raise SystemExit("error: no validation or test images; give --data a dataset with val/test folders or non-zero --val-fraction/--test-fraction")
     counts = {name: {LABELS[c]: int((decoded.labels[idx] == c).sum()) for c in (0, 1)} for name, idx in (("train", train), ("val", val), ("test", test))}
     for name, c in counts.items():
-        log(f"  {name:5s}: {sum(c.values()):5d} images  {c}")
+        print(f"  {name:5s}: {sum(c.values()):5d} images  {c}")
     report = {
         "datasets": [str(r) for r in args.data], "extra_train": [str(r) for r in args.extra_train],
         "counts": counts, "unusable": len(decoded.rejected), "unusable_reasons": dict(rejected.most_common()),
@@ -173,6 +173,13 @@ def prepare_data(args, transform: EvalTransform) -> Data:
 
 def init_weights(model: torch.nn.Module, init: str) -> None:
     if init == "scratch":
+        return
+    if init != "imagenet":
+        folder = Path(init)
+        weights = next((folder / n for n in ("model.safetensors", "best.safetensors") if (folder / n).is_file()), None)
+        if weights is None:
+            raise SystemExit(f"error: --init {init!r} is not scratch, imagenet or a folder with model.safetensors / best.safetensors")
+        load_weights(model, weights)
         return
     from torchvision.models import ResNet18_Weights
 
@@ -300,6 +307,9 @@ def main(args: argparse.Namespace) -> dict:
     # Normalise with the training set's own gray level statistics (the model starts from scratch).
     if args.init == "imagenet":
         config.mean, config.std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    elif args.init != "scratch":
+        source = ModelConfig.load(args.init)
+        config.mean, config.std = source.mean, source.std
     else:
         m, s = float(data.train.images.mean() / 255), float(data.train.images.std() / 255)
         config.mean, config.std = [round(m, 4)] * 3, [round(s, 4)] * 3
@@ -372,8 +382,11 @@ def finish(out: Path, config: ModelConfig, data: Data, transform, device, histor
     val_m = binary_metrics(data.val.labels, val_p, config.threshold)
     test_m = binary_metrics(data.test.labels, test_p, config.threshold)
     command = "python -m training.train " + " ".join(sys.argv[1:]) if sys.argv and "training" in sys.argv[0] else None
-    config.extra = {"training": {"best_epoch": best_epoch, "epochs_run": len(history), "seed": args.seed, "init": args.init,
-                                 "data": data.report, "command": command}}
+    training = {"best_epoch": best_epoch, "epochs_run": len(history), "seed": args.seed, "init": args.init,
+                "size": args.size, "data": data.report, "command": command}
+    if args.init not in ("scratch", "imagenet"):  # fine-tuned: keep the provenance of the starting model
+        training["init_from"] = ModelConfig.load(args.init).extra.get("training")
+    config.extra = {"training": training}
     config.save(out / "config.json")
     metrics = {"val": val_m, "test": test_m, "history": history, "data": data.report, "train_seconds": round(seconds, 1),
                "args": args_to_dict(args), "command": command}
