@@ -68,7 +68,7 @@ def render_card(config: ModelConfig, metrics: dict, repo_id: str | None = None) 
 # {name}: bone-fracture classifier for X-rays (ResNet18)
 
 A ResNet18 that reads one radiograph and gives the probability that it shows a fracture, with a
-Grad-CAM heat map of where it looked. Made with [bonefrac](https://github.com/) (version {__version__}).
+Grad-CAM heat map of where it looked. Made with bonefrac (version {__version__}).
 
 {DISCLAIMER}
 
@@ -98,7 +98,7 @@ radiographs (hand, leg, hip, shoulder), the regions it was trained on.
 - Children, spine, skull, chest, CT, MRI, photographs of screens: not represented (or not checked) in the training data.
 - Localising the fracture: the heat map shows what drove the score, not a segmentation.
 
-## Training data
+## Data
 
 | split | fractured | not fractured |
 |---|---|---|
@@ -110,6 +110,7 @@ radiographs (hand, leg, hip, shoulder), the regions it was trained on.
   "Bone Fracture Multi-Region X-ray Data"; licence unclear, research use).
 - {data.get('unusable', 0)} unreadable or unsupported files were left out (truncated JPEGs, GIF/palette/RGBA files).
 {_provenance(train, metrics, config.input_size)}
+- Wall time of the last stage: {metrics.get('train_seconds', 0) / 60:.0f} min.
 
 ## Evaluation
 
@@ -147,13 +148,14 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, dtype: torch.d
         raise SystemExit(f"error: {to} exists and is not a model folder; refusing to replace it")
     to.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=to.parent, prefix=f".{to.name}.tmp-"))
+    tmp.chmod(0o755)
     try:
         save_weights(model, tmp / WEIGHTS_NAME, dtype=dtype)
         config.save(tmp / CONFIG_NAME)
         atomic_write_text(tmp / "README.md", render_card(config, metrics, repo_id))
         for plot in ("roc.png", "confusion.png", "learning_curves.png"):
             if (run_dir / plot).exists():
-                shutil.copy2(run_dir / plot, tmp / plot)
+                shutil.copyfile(run_dir / plot, tmp / plot)
         # Check what we wrote loads back before it replaces anything.
         load_weights(build_model(ModelConfig.load(tmp)), tmp / WEIGHTS_NAME)
         old = None
