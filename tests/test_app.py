@@ -102,3 +102,19 @@ def test_real_server_predict_endpoint(server, good_images, real_data):
     assert "P(fractured)" in decision
     with pytest.raises(Exception, match="truncated"):
         client.predict(handle_file(str(TRUNCATED_JPEG)), api_name="/predict")
+
+
+@pytest.mark.slow
+def test_client_script_as_in_readme(server, good_images, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "scripts/client.py", str(good_images[0]), str(TRUNCATED_JPEG), "--url", server,
+                           "--overlay-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 2, proc.stdout + proc.stderr
+    assert "fractured=" in lines[0] and "prediction=" in lines[0]
+    assert "error:" in lines[1] and "truncated" in lines[1]
+    assert load_image(tmp_path / f"{good_images[0].stem}.gradcam.png").size == load_image(good_images[0]).size
