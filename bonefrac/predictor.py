@@ -59,7 +59,9 @@ class FracturePredictor:
         self.model.requires_grad_(False)
         self.target_layer.requires_grad_(True)
         self.model.fc.requires_grad_(True)
-        self._cam_lock = threading.Lock()
+        # One lock around every forward pass: Grad-CAM's hooks record any forward that runs on the
+        # model while a CAM is alive, so a concurrent predict() could corrupt a heat map.
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, revision: str | None = None, device: str | torch.device | None = None) -> FracturePredictor:
@@ -88,10 +90,12 @@ class FracturePredictor:
         positive = probabilities[self.config.positive_label] >= self.config.threshold
         return self.config.positive_label if positive else self.config.negative_label
 
-    @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor) -> list[dict[str, float]]:
+        """Probabilities for a preprocessed batch (B, 3, S, S)."""
         batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return self._probabilities(self.model(batch))
+        with self._lock, torch.inference_mode():
+            logits = self.model(batch)
+        return self._probabilities(logits)
 
     def predict(self, image: ImageInput) -> dict[str, float]:
         """Probabilities for both labels; raises ImageDecodeError for an unusable input."""
@@ -134,7 +138,8 @@ class FracturePredictor:
         if target not in self.config.labels:
             raise ValueError(f"target must be one of {self.config.labels}, got {target!r}")
         batch = tensor[None].to(self.device).contiguous(memory_format=torch.channels_last)
-        with self._cam_lock:
+        # Grad-CAM needs autograd even if the caller is inside inference_mode / no_grad.
+        with self._lock, torch.inference_mode(False), torch.enable_grad():
             heatmap, logits = gradcam(self.model, self.target_layer, batch, self.config.labels.index(target))
         probabilities = self._probabilities(logits)[0]
         heatmap = resize_heatmap(heatmap, decoded.size)
