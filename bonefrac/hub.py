@@ -70,10 +70,11 @@ def _download_from_hub(repo_id: str, revision: str | None) -> Path:
             raise ModelSourceError(f"Hub repo {repo_id!r} not found (or private: set HF_TOKEN)") from None
         except RevisionNotFoundError:
             raise ModelSourceError(f"revision {revision!r} not found in Hub repo {repo_id!r}") from None
-        except EntryNotFoundError:
-            raise ModelSourceError(f"Hub repo {where} has no {filename}; bonefrac loads only {CONFIG_NAME} + {WEIGHTS_NAME}") from None
+        # LocalEntryNotFoundError subclasses EntryNotFoundError in recent huggingface_hub: catch it first.
         except LocalEntryNotFoundError:
             raise ModelSourceError(f"cannot reach the Hub and {where} ({filename}) is not in the local cache") from None
+        except EntryNotFoundError:
+            raise ModelSourceError(f"Hub repo {where} has no {filename}; bonefrac loads only {CONFIG_NAME} + {WEIGHTS_NAME}") from None
     folder = paths[CONFIG_NAME].parent
     if paths[WEIGHTS_NAME].parent != folder:
         raise ModelSourceError(f"{where}: config and weights resolved to different snapshots")
