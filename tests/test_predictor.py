@@ -3,7 +3,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bonefrac import FracturePredictor, ImageDecodeError, load_image
 from bonefrac.config import ModelConfig

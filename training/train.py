@@ -320,7 +320,7 @@ def main(args: argparse.Namespace) -> dict:
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = make_ema(model, args.ema_decay)
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     class_weights = balanced_class_weights(data.train.labels) if args.class_weights == "balanced" else torch.ones(2)
