@@ -39,8 +39,8 @@ def _provenance(train: dict, metrics: dict, size: int) -> str:
     lines = []
     for i, t in enumerate(reversed(stages), 1):
         start = {"scratch": "from scratch", "imagenet": "from torchvision's ImageNet weights"}.get(t.get("init"), "from the previous stage's weights")
-        px = t.get("size") or (size if i == len(stages) else "?")
-        lines.append(f"- Stage {i}: {px} px, {start}; best epoch {t.get('best_epoch', '?')} of "
+        px = t.get("size") or (size if i == len(stages) else None)
+        lines.append(f"- Stage {i}: {f'{px} px, ' if px else ''}{start}; best epoch {t.get('best_epoch', '?')} of "
                      f"{t.get('epochs_run', '?')} by validation AUC. Command: `{t.get('command') or metrics.get('command') or 'python -m training.train ...'}`")
     return "\n".join(lines)
 
