@@ -249,7 +249,8 @@ class DecodedSet:
 
 def decode_samples(samples: list[Sample], transform: EvalTransform, interpolation: str, cache_dir: str | os.PathLike | None, workers: int = 2, progress: bool = True) -> DecodedSet:
     """Decode and resize every sample once; reuse the cache when the files and settings are unchanged."""
-    key_src = "\n".join(f"{s.path.resolve()}|{s.path.stat().st_size}|{s.path.stat().st_mtime_ns}" for s in samples)
+    stats = [s.path.stat() for s in samples]
+    key_src = "\n".join(f"{s.path.resolve()}|{st.st_size}|{st.st_mtime_ns}" for s, st in zip(samples, stats))
     key = hashlib.sha256(f"v1|{transform.size}|{interpolation}|{key_src}".encode()).hexdigest()[:20]
     cache_file = Path(cache_dir) / f"decoded-{transform.size}-{key}.npz" if cache_dir else None
     if cache_file and cache_file.exists():
