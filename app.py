@@ -33,6 +33,13 @@ def _upload_path(upload) -> str | None:
     return getattr(upload, "path", None) or upload.name  # a FileData / tempfile-like object
 
 
+def _threshold_words(config) -> str:
+    kind, _, target = str(config.extra.get("training", {}).get("threshold_rule", "")).partition(":")
+    if kind in ("sensitivity", "specificity") and target:
+        return f"a threshold chosen on validation data to keep {kind} at {float(target):.0%} or more"
+    return "threshold chosen on validation data"
+
+
 def _forget(path: str | None) -> None:
     """Uploads are not kept after the request: remove Gradio's cached copy of the uploaded file.
 
@@ -71,7 +78,7 @@ def make_handlers(predictor: FracturePredictor):
         p = explanation.probabilities[config.positive_label]
         decision = (f"### {explanation.prediction.capitalize()}\n"
                     f"P({config.positive_label}) = {p:.1%}; the model calls **{config.positive_label}** at "
-                    f"{config.threshold:.1%} or above (threshold chosen on validation data).")
+                    f"{config.threshold:.1%} or above ({_threshold_words(config)}).")
         return explanation.probabilities, explanation.overlay, decision, (explanation.image, explanation.heatmap)
 
     def preview(upload):

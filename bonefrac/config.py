@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+# 2: adds logit_bias (version-1 files load unchanged: their bias is 0).
+FORMAT_VERSION = 2
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -40,8 +41,11 @@ class ModelConfig:
     interpolation: str = "bilinear"
     # P(positive) >= threshold -> positive decision.
     threshold: float = 0.5
-    # Probabilities are softmax(logits / temperature).
+    # Calibration fitted on validation (Platt scaling): P(positive) = sigmoid(margin / temperature +
+    # logit_bias), where margin = logit[positive] - logit[negative]. For two classes this is the
+    # softmax of logits / temperature with logit_bias added to the positive logit.
     temperature: float = 1.0
+    logit_bias: float = 0.0
     format_version: int = FORMAT_VERSION
     # Free-form provenance (training run, data, metrics); never needed for inference.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +75,8 @@ class ModelConfig:
             problems.append(f"threshold must be in [0, 1], got {self.threshold!r}")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not abs(self.logit_bias) < 1e3:
+            problems.append(f"logit_bias must be a finite number, got {self.logit_bias!r}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 

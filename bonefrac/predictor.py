@@ -80,8 +80,10 @@ class FracturePredictor:
         return decoded, self.transform(decoded)
 
     def _probabilities(self, logits: torch.Tensor) -> list[dict[str, float]]:
-        probs = torch.softmax(logits.float() / self.config.temperature, dim=1).cpu().numpy()
         pos, neg = self.config.positive_index, 1 - self.config.positive_index
+        scaled = logits.float() / self.config.temperature
+        scaled[:, pos] += self.config.logit_bias
+        probs = torch.softmax(scaled, dim=1).cpu().numpy()
         # Positive label first, so a gr.Label or a CSV reads naturally.
         return [{self.config.labels[pos]: float(row[pos]), self.config.labels[neg]: float(row[neg])} for row in probs]
 

@@ -34,6 +34,15 @@ def test_config_rejects_bad_values(change, message):
     assert message in str(e.value)
 
 
+def test_version_1_config_loads_with_no_bias(tmp_path):
+    data = ModelConfig().to_dict()
+    del data["logit_bias"]
+    data["format_version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    config = ModelConfig.load(tmp_path)
+    assert config.logit_bias == 0.0 and config.format_version == 1
+
+
 def test_config_missing_and_malformed(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         ModelConfig.load(tmp_path)

@@ -58,6 +58,20 @@ def test_temperature_and_threshold_come_from_config(tiny_model_dir, good_images)
     assert hot.decide(base.predict(good_images[0])) == "fractured"
 
 
+def test_calibration_from_config_matches_the_training_formula(tiny_model_dir, good_images):
+    """Serving applies exactly what training fitted: P = sigmoid(margin / temperature + logit_bias)."""
+    from training.evaluate import sigmoid
+
+    p = FracturePredictor.from_pretrained(tiny_model_dir, device="cpu")
+    x = torch.stack([p.preprocess(g)[1] for g in good_images])
+    with torch.inference_mode():
+        logits = p.model(x).double().numpy()
+    margin = logits[:, 1] - logits[:, 0]
+    p.config.temperature, p.config.logit_bias = 0.7, -1.3
+    got = [r.probabilities["fractured"] for r in p.predict_batch(good_images)]
+    np.testing.assert_allclose(got, sigmoid(margin / 0.7 - 1.3), atol=1e-5)
+
+
 def test_explain_heatmap_shape_and_range(tiny_predictor, good_images):
     image = load_image(good_images[0])
     ex = tiny_predictor.explain(good_images[0])
@@ -129,7 +143,8 @@ def test_bundled_model_loads_and_predicts(good_images):
         pytest.fail("the bundled model/ folder is missing its weights")
     p = FracturePredictor.from_pretrained(device="cpu")
     assert p.config.labels == ["not fractured", "fractured"] and p.config.positive_label == "fractured"
-    assert p.config.format_version == 1 and 0 < p.config.threshold < 1
+    assert p.config.format_version == 2 and 0 < p.config.threshold < 1
+    assert p.config.logit_bias < 0 and p.config.extra["training"]["threshold_rule"] == "sensitivity:0.9"
     probs = [p.predict(g)["fractured"] for g in good_images]
     assert all(0 <= x <= 1 for x in probs)
     assert len(set(np.round(probs, 4))) > 1  # not a constant

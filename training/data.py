@@ -187,26 +187,29 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int, groups: np.ndarray | None = None) -> np.ndarray:
-    """Seeded split into 'train'/'val'/'test', stratified by label; members of one group stay together.
+def group_split(labels: np.ndarray, fractions, seed: int, groups: np.ndarray | None = None, names=None) -> np.ndarray:
+    """Seeded, label-stratified assignment of items to parts (``names``, one per fraction), keeping
+    each group whole: a duplicate group never straddles two parts.
 
-    Groups are assigned whole, largest first, to the split furthest below its target for that label.
+    A group is stratified by its majority label (ties count as positive); groups are placed largest
+    first (ties in random order) into the part furthest below its share of that label.
     """
-    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if abs(fractions.sum() - 1.0) > 1e-6 or fractions.min() < 0:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {tuple(fractions)}")
+    names = np.asarray(names if names is not None else np.arange(len(fractions)), dtype=object)
     labels = np.asarray(labels)
     groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
-    names = np.array(["train", "val", "test"])
     out = np.empty(len(labels), dtype=object)
+    group_ids, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(group_ids))]
+    group_label = np.array([int(labels[m].mean() >= 0.5) for m in members])
     rng = np.random.default_rng(seed)
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        group_ids, inverse = np.unique(groups[idx], return_inverse=True)
-        members = [idx[inverse == g] for g in range(len(group_ids))]
-        order = rng.permutation(len(members))
-        order = sorted(order, key=lambda g: -len(members[g]))  # stable: ties keep the random order
-        targets = np.array(fractions) * len(idx)
-        filled = np.zeros(3)
+    for label in np.unique(group_label):
+        these = np.flatnonzero(group_label == label)
+        order = sorted(rng.permutation(these), key=lambda g: -len(members[g]))  # stable sort: ties stay random
+        targets = fractions * sum(len(members[g]) for g in these)
+        filled = np.zeros(len(fractions))
         for g in order:
             k = int(np.argmax(targets - filled))
             out[members[g]] = names[k]
@@ -214,22 +217,33 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
     return out
 
 
+def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """'train'/'val'/'test' per item: :func:`group_split` with three parts."""
+    return group_split(labels, fractions, seed, groups, ["train", "val", "test"])
+
+
+def kfold_assignments(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold number (0..k-1) per item: group-aware, label-stratified folds."""
+    if k < 2:
+        raise ValueError(f"k-fold needs k >= 2, got {k}")
+    return group_split(labels, [1.0 / k] * k, seed, groups, list(range(k))).astype(np.int64)
+
+
 # ---- decoded-image cache ------------------------------------------------------------------
 
 def _decode_for_cache(args: tuple[str, int, str]) -> tuple[str, np.ndarray | None, str, np.ndarray]:
-    """(path) -> (reason or '', resized uint8 image, sha256 of the bytes, 8 perceptual hashes)."""
+    """(path) -> (reason or '', resized uint8 image, sha256 of the bytes, dihedral perceptual hashes)."""
     path, size, interpolation = args
-    from training.audit import dihedral_hashes
+    from training.audit import hash_file
     from bonefrac.config import ModelConfig
 
     reason = check_file(path)
-    data = Path(path).read_bytes() if Path(path).is_file() else b""
-    digest = hashlib.sha256(data).hexdigest()
+    _, digest, hashes = hash_file(path)  # the audit's own hashes, so training and `training.audit` agree
     if reason:
-        return reason, None, digest, np.zeros(8, np.uint64)
-    image = decode_bytes(data, Path(path).name)
+        return reason, None, digest, hashes
+    image = decode_bytes(Path(path).read_bytes(), Path(path).name)
     transform = EvalTransform(ModelConfig(input_size=size, interpolation=interpolation))
-    return "", transform.resize(image), digest, dihedral_hashes(image)
+    return "", transform.resize(image), digest, hashes
 
 
 @dataclass
@@ -239,7 +253,7 @@ class DecodedSet:
     samples: list[Sample]
     images: np.ndarray  # uint8 (N, S, S)
     sha256: list[str]
-    phash: np.ndarray  # uint64 (N, 8): the image under the 8 flips/rotations
+    phash: np.ndarray  # uint64 (N, 8, W): perceptual hashes of the image under the 8 flips/rotations
     rejected: list[tuple[Sample, str]]
 
     @property
@@ -247,11 +261,19 @@ class DecodedSet:
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cache_key(samples: list[Sample], size: int, interpolation: str) -> str:
+    """Content-based: the same files (by SHA-256, not mtime, so a re-copied dataset still hits) and settings."""
+    key_src = "\n".join(f"{s.path.resolve()}|{file_sha256(s.path)}" for s in samples)
+    return hashlib.sha256(f"v3|{size}|{interpolation}|{key_src}".encode()).hexdigest()[:20]
+
+
 def decode_samples(samples: list[Sample], transform: EvalTransform, interpolation: str, cache_dir: str | os.PathLike | None, workers: int = 2, progress: bool = True) -> DecodedSet:
     """Decode and resize every sample once; reuse the cache when the files and settings are unchanged."""
-    stats = [s.path.stat() for s in samples]
-    key_src = "\n".join(f"{s.path.resolve()}|{st.st_size}|{st.st_mtime_ns}" for s, st in zip(samples, stats))
-    key = hashlib.sha256(f"v1|{transform.size}|{interpolation}|{key_src}".encode()).hexdigest()[:20]
+    key = cache_key(samples, transform.size, interpolation)
     cache_file = Path(cache_dir) / f"decoded-{transform.size}-{key}.npz" if cache_dir else None
     if cache_file and cache_file.exists():
         z = np.load(cache_file, allow_pickle=False)
@@ -267,7 +289,7 @@ def decode_samples(samples: list[Sample], transform: EvalTransform, interpolatio
         blank = np.zeros((transform.size, transform.size), np.uint8)
         images = np.stack([o[1] if o[1] is not None else blank for o in out]) if out else np.zeros((0, transform.size, transform.size), np.uint8)
         digests = [o[2] for o in out]
-        phashes = np.stack([o[3] for o in out]).astype(np.uint64) if out else np.zeros((0, 8), np.uint64)
+        phashes = np.stack([o[3] for o in out]).astype(np.uint64) if out else np.zeros((0, 8, 1), np.uint64)
         if cache_file:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(".tmp.npz")

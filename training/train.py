@@ -12,6 +12,8 @@ config.json, metrics.json, roc.png, confusion.png, learning_curves.png, augment_
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import math
 import os
@@ -31,8 +33,9 @@ from bonefrac.transforms import EvalTransform, build_eval_transform
 
 from .audit import duplicate_groups, find_leaks
 from .augment import AugmentConfig, augment_batch, save_preview
-from .data import LABELS, DecodedSet, decode_samples, scan_dataset, stratified_split
-from .evaluate import binary_metrics, choose_threshold, plot_confusion, plot_learning_curves, plot_roc
+from .data import LABELS, DecodedSet, decode_samples, group_split, kfold_assignments, scan_dataset, stratified_split
+from .evaluate import (binary_metrics, bootstrap_ci, choose_threshold, expected_calibration_error, fit_platt, fit_temperature,
+                       parse_threshold_rule, plot_confusion, plot_learning_curves, plot_reliability, plot_roc, sigmoid)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -46,6 +49,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"])
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--leaks", choices=["drop-train", "drop-test", "keep"], default="drop-train",
+                   help="what to do with exact/near copies across splits: drop the training copies (default), drop the val/test "
+                   "images that have a copy in training (to re-evaluate a model already trained on those splits), or keep "
+                   "them (metrics inflated); the numbers are printed and recorded in the model card either way")
+    p.add_argument("--allow-leaky-splits", dest="leaks", action="store_const", const="keep", help="same as --leaks keep")
+    p.add_argument("--kfold", type=int, default=0, metavar="K", help="K-fold cross-validation over the --data images "
+                   "(group-aware, stratified): one run per fold in OUTPUT_DIR/foldN, summary in OUTPUT_DIR/kfold.json and kfold.md")
+    p.add_argument("--calibration", choices=["platt", "temperature", "none"], default="platt",
+                   help="probability calibration fitted on validation: temperature and logit bias (platt), temperature only, or none")
+    p.add_argument("--threshold-rule", default="sensitivity:0.9", help="how the decision threshold is chosen on validation: "
+                   "youden, sensitivity:T (best specificity with sensitivity >= T) or specificity:T")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% confidence intervals")
     p.add_argument("--epochs", type=int, default=18)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -110,6 +125,17 @@ class Data:
     val: Split
     test: Split
     report: dict
+    assignment: list[tuple[str, str]]  # (path, split) of every image before the leak filter: split.csv
+
+
+@dataclass
+class Pool:
+    """Every usable image, decoded once, with its duplicate group; splits are made from it."""
+
+    decoded: DecodedSet
+    is_main: np.ndarray  # bool: from a --data dataset (may be val/test), else --extra-train only
+    groups: np.ndarray  # duplicate-group id per image (exact or near copies share one)
+    report: dict
 
 
 def _subset(d: DecodedSet, idx) -> Split:
@@ -127,46 +153,123 @@ def _limit(samples, n: int, seed: int):
     return [samples[i] for i in sorted(picked[:n])]
 
 
-def prepare_data(args, transform: EvalTransform) -> Data:
+def load_pool(args, transform: EvalTransform) -> Pool:
     main_samples = [s for root in args.data for s in _limit(scan_dataset(root), args.limit, args.seed)]
     extra_samples = [s for root in args.extra_train for s in _limit(scan_dataset(root), args.limit, args.seed)]
     cache_dir = str(args.cache_dir) if args.cache_dir and str(args.cache_dir) else None
     decoded = decode_samples(main_samples + extra_samples, transform, args.interpolation, cache_dir, args.workers, not args.no_progress)
-    rejected = Counter(reason for _, reason in decoded.rejected)
+    rejected = Counter(reason.split(" (")[0] for _, reason in decoded.rejected)
     print(f"data: {len(decoded.samples)} usable images, {len(decoded.rejected)} unusable left out (not moved; see `python -m training.data clean`)")
-
     main_set = set(main_samples)
     is_main = np.array([s in main_set for s in decoded.samples], dtype=bool)
-    splits = np.array([s.split for s in decoded.samples], dtype=object)
-    splits[~is_main] = "train"
-    main_idx = np.flatnonzero(is_main)
-    # Main datasets without split folders get a stratified split that keeps duplicate groups together.
-    no_split = main_idx[[decoded.samples[i].split is None for i in main_idx]]
+    groups = duplicate_groups(decoded.sha256, decoded.phash)
+    report = {"datasets": [str(r) for r in args.data], "extra_train": [str(r) for r in args.extra_train],
+              "unusable": len(decoded.rejected), "unusable_reasons": dict(rejected.most_common())}
+    return Pool(decoded, is_main, groups, report)
+
+
+def default_splits(args, pool: Pool) -> np.ndarray:
+    """Split folders where a --data dataset has them, else a stratified, seeded, group-aware split;
+    --extra-train images are training images."""
+    d = pool.decoded
+    splits = np.array([s.split for s in d.samples], dtype=object)
+    splits[~pool.is_main] = "train"
+    no_split = np.flatnonzero(pool.is_main & np.array([s.split is None for s in d.samples]))
     if len(no_split):
-        groups = duplicate_groups([decoded.sha256[i] for i in no_split], decoded.phash[no_split])
-        test_frac, val_frac = args.test_fraction, args.val_fraction
-        splits[no_split] = stratified_split(decoded.labels[no_split], (1 - val_frac - test_frac, val_frac, test_frac), args.seed, groups)
-    held = np.flatnonzero(np.isin(splits, ["val", "test"]))
-    train = np.flatnonzero(splits == "train")
-    leaks = find_leaks([decoded.sha256[i] for i in train], decoded.phash[train],
-                       [decoded.sha256[i] for i in held], decoded.phash[held])
-    dropped = Counter(decoded.samples[i].dataset for i in train[leaks])
-    if leaks.any():
-        print(f"leak filter: dropped {int(leaks.sum())} training images that copy a val/test image ({dict(dropped)})")
-    train = train[~leaks]
-    val, test = np.flatnonzero(splits == "val"), np.flatnonzero(splits == "test")
+        fractions = (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+        splits[no_split] = stratified_split(d.labels[no_split], fractions, args.seed, pool.groups[no_split])
+    return splits
+
+
+def read_split_csv(path: Path, pool: Pool) -> np.ndarray:
+    """The split a run recorded (so --resume and re-evaluation see exactly the same images)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        recorded = {row["path"]: row["split"] for row in csv.DictReader(f)}
+    paths = [str(s.path) for s in pool.decoded.samples]
+    missing = [p for p in recorded if p not in set(paths)]
+    if missing:
+        raise SystemExit(f"error: {path} lists {len(missing)} images that are not in the data now (e.g. {missing[0]}); "
+                         "the run was made on other data")
+    return np.array([recorded.get(p, "unused") for p in paths], dtype=object)
+
+
+def write_split_csv(path: Path, data: Data) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "split"])
+    w.writerows(data.assignment)
+    atomic_write_text(path, buf.getvalue())
+
+
+def make_data(args, pool: Pool, splits: np.ndarray) -> Data:
+    """Splits -> Data, after a leakage audit: training images that copy a val/test image are
+    dropped (or, with --allow-leaky-splits, kept and reported)."""
+    d = pool.decoded
+    train, val, test = (np.flatnonzero(splits == name) for name in ("train", "val", "test"))
     if len(val) == 0 or len(test) == 0:
         raise SystemExit("error: no validation or test images; give --data a dataset with val/test folders or non-zero --val-fraction/--test-fraction")
-    counts = {name: {LABELS[c]: int((decoded.labels[idx] == c).sum()) for c in (0, 1)} for name, idx in (("train", train), ("val", val), ("test", test))}
+    sha = d.sha256
+
+    def copies(idx, of):  # which of idx have an exact/near copy among `of`
+        return find_leaks([sha[i] for i in idx], d.phash[idx], [sha[i] for i in of], d.phash[of])
+
+    held = np.concatenate([val, test])
+    train_copies = copies(train, held)
+    test_leaky, val_leaky = int(copies(test, train).sum()), int(copies(val, train).sum())
+    by_dataset = Counter(d.samples[i].dataset for i in train[train_copies])
+    leaks = {"test_images_with_copy_in_train": test_leaky, "test_images": int(len(test)),
+             "val_images_with_copy_in_train": val_leaky, "val_images": int(len(val)),
+             "train_images_copying_val_or_test": int(train_copies.sum()), "by_dataset": dict(by_dataset),
+             "action": "none needed"}
+    numbers = (f"{test_leaky} of {len(test)} test and {val_leaky} of {len(val)} val images have an exact or near copy among the "
+               f"training images ({int(train_copies.sum())} training copies, {dict(by_dataset)})")
+    if train_copies.any() and args.leaks == "keep":
+        leaks["action"] = "kept (--leaks keep): test metrics are inflated"
+        print(f"WARNING: LEAKY SPLITS KEPT: {numbers}; the test metrics will be inflated, and the model card says so", file=sys.stderr)
+    elif train_copies.any() and args.leaks == "drop-test":
+        leaks["action"] = f"dropped the {test_leaky} test and {val_leaky} val images that have a copy in training"
+        print(f"WARNING: the splits leak: {numbers}; dropped those val/test images (--leaks drop-test)", file=sys.stderr)
+        test, val = test[~copies(test, train)], val[~copies(val, train)]
+    elif train_copies.any():
+        leaks["action"] = f"dropped the {int(train_copies.sum())} training copies"
+        print(f"WARNING: the splits leak: {numbers}; dropped those training images so the test is leak-free "
+              "(--leaks keep keeps them, --leaks drop-test drops the val/test side instead)", file=sys.stderr)
+        train = train[~train_copies]
+    used = np.concatenate([train, val, test])
+    both = [g for g in np.unique(pool.groups[used]) if len(np.unique(d.labels[used][pool.groups[used] == g])) > 1]
+    conflicting = int(np.isin(pool.groups[used], both).sum())
+    if both:
+        print(f"note: {len(both)} duplicate groups ({conflicting} images) appear under both labels", file=sys.stderr)
+    counts = {name: {LABELS[c]: int((d.labels[idx] == c).sum()) for c in (0, 1)} for name, idx in (("train", train), ("val", val), ("test", test))}
     for name, c in counts.items():
         print(f"  {name:5s}: {sum(c.values()):5d} images  {c}")
-    report = {
-        "datasets": [str(r) for r in args.data], "extra_train": [str(r) for r in args.extra_train],
-        "counts": counts, "unusable": len(decoded.rejected), "unusable_reasons": dict(rejected.most_common()),
-        "leaks_dropped_from_train": {k: int(v) for k, v in dropped.items()},
-        "test_datasets": sorted({decoded.samples[i].dataset for i in test}),
-    }
-    return Data(_subset(decoded, train), _subset(decoded, val), _subset(decoded, test), report)
+    report = {**pool.report, "counts": counts, "leaks": leaks, "leaks_dropped_from_train": dict(by_dataset) if args.leaks == "drop-train" else {},
+              "groups_under_both_labels": len(both), "images_in_groups_under_both_labels": conflicting,
+              "test_datasets": sorted({d.samples[i].dataset for i in test})}
+    assignment = [(str(s.path), str(split)) for s, split in zip(d.samples, splits) if split in ("train", "val", "test")]
+    return Data(_subset(d, train), _subset(d, val), _subset(d, test), report, assignment)
+
+
+def prepare_data(args, transform: EvalTransform, split_csv: Path | None = None) -> Data:
+    pool = load_pool(args, transform)
+    splits = read_split_csv(split_csv, pool) if split_csv and split_csv.exists() else default_splits(args, pool)
+    return make_data(args, pool, splits)
+
+
+def kfold_splits(args, pool: Pool) -> list[np.ndarray]:
+    """K split arrays: fold f is the test set; validation is a group-aware stratified slice of the rest."""
+    d = pool.decoded
+    main = np.flatnonzero(pool.is_main)
+    folds = kfold_assignments(d.labels[main], args.kfold, args.seed, pool.groups[main])
+    out = []
+    for f in range(args.kfold):
+        splits = np.full(len(d.samples), "train", dtype=object)
+        rest = main[folds != f]
+        splits[main[folds == f]] = "test"
+        val_share = min(0.5, args.val_fraction / (1 - 1 / args.kfold))
+        splits[rest] = group_split(d.labels[rest], (1 - val_share, val_share), args.seed + 1 + f, pool.groups[rest], ["train", "val"])
+        out.append(splits)
+    return out
 
 
 # ---- model --------------------------------------------------------------------------------
@@ -268,19 +371,26 @@ def train_one_epoch(model, ema, optimizer, data: Split, transform: EvalTransform
 
 @torch.inference_mode()
 def predict_split(model, data: Split, transform: EvalTransform, device, batch_size: int = 128) -> np.ndarray:
-    """Probabilities (N, 2) in fp32, through the eval transform's normalize on cached resized images."""
+    """Logits (N, 2) in fp32, through the eval transform's normalize on cached resized images."""
     model.eval()
     out = []
     images = torch.from_numpy(data.images)
     for idx in batches(len(images), batch_size):
         x = transform.normalize(images[idx].to(device)).contiguous(memory_format=torch.channels_last)
-        out.append(torch.softmax(model(x).float(), dim=1).cpu())
+        out.append(model(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
 
 
+def margin_of(logits: np.ndarray) -> np.ndarray:
+    """logit[fractured] - logit[not fractured]: P(fractured) = sigmoid(margin) before calibration."""
+    pos = LABELS.index(ModelConfig().positive_label)
+    return (logits[:, pos] - logits[:, 1 - pos]).astype(np.float64)
+
+
 def evaluate(model, data: Split, transform, device, class_weights) -> dict:
-    probs = predict_split(model, data, transform, device)
-    loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)), torch.from_numpy(data.labels), weight=class_weights).item()
+    logits = torch.from_numpy(predict_split(model, data, transform, device))
+    loss = F.cross_entropy(logits, torch.from_numpy(data.labels), weight=class_weights).item()
+    probs = torch.softmax(logits, dim=1).numpy()
     return {"loss": loss, "probs": probs, **binary_metrics(data.labels, probs[:, 1], 0.5)}
 
 
@@ -295,15 +405,69 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     t0 = time.time()
     seed_everything(args.seed)
+    parse_threshold_rule(args.threshold_rule)  # fail before any work
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     dtype = amp_dtype(args.amp, device)
     print(f"device {device}, autocast {dtype}, torch {torch.__version__}")
+    transform = build_eval_transform(ModelConfig(input_size=args.size, interpolation=args.interpolation))
+    pool = load_pool(args, transform)
+    if args.kfold:
+        return run_kfold(args, pool, out, device, dtype, t0)
+    split_csv = out / "split.csv"
+    splits = read_split_csv(split_csv, pool) if args.resume and split_csv.exists() else default_splits(args, pool)
+    data = make_data(args, pool, splits)
+    return fit(args, data, out, device, dtype, t0)
 
+
+def run_kfold(args, pool: Pool, out: Path, device, dtype, t0: float) -> dict:
+    folds = []
+    for f, splits in enumerate(kfold_splits(args, pool)):
+        fold_dir = out / f"fold{f}"
+        if args.resume and (fold_dir / "metrics.json").exists():
+            print(f"fold {f}: already done ({fold_dir / 'metrics.json'})")
+            metrics = json.loads((fold_dir / "metrics.json").read_text())
+        else:
+            print(f"---- fold {f + 1} of {args.kfold} ----")
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            fold_args = argparse.Namespace(**{**vars(args), "resume": args.resume and (fold_dir / "checkpoint.pt").exists()})
+            metrics = fit(fold_args, make_data(fold_args, pool, splits), fold_dir, device, dtype, time.time())
+        folds.append(metrics)
+    summary = kfold_summary(folds)
+    summary.update(seconds=round(time.time() - t0, 1), args=args_to_dict(args))
+    atomic_write_text(out / "kfold.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "kfold.md", kfold_table(summary))
+    print(kfold_table(summary))
+    return summary
+
+
+KFOLD_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "kappa")
+
+
+def kfold_summary(folds: list[dict]) -> dict:
+    rows = [{"fold": i, "n": m["test"]["n"], "positives": m["test"]["positives"], "threshold": m["test"]["threshold"],
+             **{k: m["test"][k] for k in KFOLD_METRICS}, "ece": m["calibration"]["test_ece_after"]} for i, m in enumerate(folds)]
+    stats = {}
+    for k in (*KFOLD_METRICS, "ece"):
+        v = np.array([r[k] for r in rows], dtype=np.float64)
+        stats[k] = {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0}
+    return {"folds": rows, "mean_std": stats}
+
+
+def kfold_table(summary: dict) -> str:
+    cols = (*KFOLD_METRICS, "ece")
+    lines = ["| fold | n (fractured) | threshold | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for r in summary["folds"]:
+        lines.append(f"| {r['fold']} | {r['n']} ({r['positives']}) | {r['threshold']:.3f} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    ms = summary["mean_std"]
+    lines.append("| mean ± sd | | | " + " | ".join(f"{ms[c]['mean']:.3f} ± {ms[c]['std']:.3f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fit(args, data: Data, out: Path, device, dtype, t0: float) -> dict:
+    """Train one model on ``data`` into ``out`` (resumable), then :func:`finish` it."""
     config = ModelConfig(input_size=args.size, interpolation=args.interpolation)
-    transform = build_eval_transform(config)
-    data = prepare_data(args, transform)
     # Normalise with the training set's own gray level statistics (the model starts from scratch).
     if args.init == "imagenet":
         config.mean, config.std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -314,6 +478,7 @@ def main(args: argparse.Namespace) -> dict:
         m, s = float(data.train.images.mean() / 255), float(data.train.images.std() / 255)
         config.mean, config.std = [round(m, 4)] * 3, [round(s, 4)] * 3
     transform = build_eval_transform(config)
+    write_split_csv(out / "split.csv", data)
 
     model = build_model(config)
     init_weights(model, args.init)
@@ -370,35 +535,80 @@ def main(args: argparse.Namespace) -> dict:
             print(f"early stop: no better val AUC for {args.patience} epochs")
             break
 
-    return finish(out, config, data, transform, device, history, best_epoch, args, time.time() - t0)
+    return finish(out, config, data, transform, device, history, best_epoch, args, time.time() - t0,
+                  trained_now=start_epoch <= args.epochs)
 
 
-def finish(out: Path, config: ModelConfig, data: Data, transform, device, history, best_epoch: int, args, seconds: float) -> dict:
-    """Load the best weights, pick the threshold on validation, measure the test split once, write the run."""
+MIN_PER_CLASS_TO_CALIBRATE = 10
+
+
+def calibrate(y_val: np.ndarray, margin_val: np.ndarray, method: str) -> tuple[float, float]:
+    if method != "none" and min(int(y_val.sum()), int(len(y_val) - y_val.sum())) < MIN_PER_CLASS_TO_CALIBRATE:
+        print(f"warning: calibration skipped: fewer than {MIN_PER_CLASS_TO_CALIBRATE} validation images of a class", file=sys.stderr)
+        return 1.0, 0.0
+    if method == "platt":
+        return fit_platt(y_val, margin_val)
+    if method == "temperature":
+        return fit_temperature(y_val, margin_val), 0.0
+    return 1.0, 0.0
+
+
+def finish(out: Path, config: ModelConfig, data: Data, transform, device, history, best_epoch: int, args, seconds: float,
+           trained_now: bool = True) -> dict:
+    """Load the best weights; fit calibration and pick the threshold on validation; measure the test split once
+    (with bootstrap confidence intervals); write the run. ``trained_now`` False: a finished run re-evaluated
+    with --resume (its training command and time are kept, and this command is recorded as the evaluation)."""
     model = load_weights(build_model(config), out / "best.safetensors").to(device).to(memory_format=torch.channels_last)
-    val_p = predict_split(model, data.val, transform, device)[:, 1]
-    test_p = predict_split(model, data.test, transform, device)[:, 1]
-    config.threshold = round(choose_threshold(data.val.labels, val_p), 6)
+    val_margin = margin_of(predict_split(model, data.val, transform, device))
+    test_margin = margin_of(predict_split(model, data.test, transform, device))
+    config.temperature, config.logit_bias = (round(v, 6) for v in calibrate(data.val.labels, val_margin, args.calibration))
+    raw_val, raw_test = sigmoid(val_margin), sigmoid(test_margin)
+    val_p = sigmoid(val_margin / config.temperature + config.logit_bias)
+    test_p = sigmoid(test_margin / config.temperature + config.logit_bias)
+    config.threshold = round(choose_threshold(data.val.labels, val_p, args.threshold_rule), 6)
     val_m = binary_metrics(data.val.labels, val_p, config.threshold)
     test_m = binary_metrics(data.test.labels, test_p, config.threshold)
+    test_ci = bootstrap_ci(data.test.labels, test_p, config.threshold, n_boot=args.bootstrap, seed=args.seed)
+    # The other common operating points, for the card (each chosen on validation, measured on test).
+    operating_points = {}
+    for rule in dict.fromkeys((args.threshold_rule, "youden", "sensitivity:0.9", "specificity:0.9")):
+        t = choose_threshold(data.val.labels, val_p, rule)
+        tm = binary_metrics(data.test.labels, test_p, t)
+        operating_points[rule] = {"threshold": t, **{k: tm[k] for k in ("sensitivity", "specificity", "accuracy", "kappa")}}
+    calibration = {"method": args.calibration, "temperature": config.temperature, "logit_bias": config.logit_bias, "bins": 10,
+                   "val_ece_before": expected_calibration_error(data.val.labels, raw_val), "val_ece_after": expected_calibration_error(data.val.labels, val_p),
+                   "test_ece_before": expected_calibration_error(data.test.labels, raw_test), "test_ece_after": expected_calibration_error(data.test.labels, test_p)}
     command = "python -m training.train " + " ".join(sys.argv[1:]) if sys.argv and "training" in sys.argv[0] else None
+    evaluation_command = None
+    if not trained_now and (out / "metrics.json").exists():
+        previous = json.loads((out / "metrics.json").read_text())
+        evaluation_command, command = command, previous.get("command", command)
+        seconds = previous.get("train_seconds", seconds)
     training = {"best_epoch": best_epoch, "epochs_run": len(history), "seed": args.seed, "init": args.init,
-                "size": args.size, "data": data.report, "command": command}
+                "size": args.size, "data": data.report, "command": command, "threshold_rule": args.threshold_rule,
+                "calibration": args.calibration, "evaluation_command": evaluation_command}
     if args.init not in ("scratch", "imagenet"):  # fine-tuned: keep the provenance of the starting model
         training["init_from"] = ModelConfig.load(args.init).extra.get("training")
     config.extra = {"training": training}
     config.save(out / "config.json")
-    metrics = {"val": val_m, "test": test_m, "history": history, "data": data.report, "train_seconds": round(seconds, 1),
-               "args": args_to_dict(args), "command": command}
+    metrics = {"val": val_m, "test": test_m, "test_ci95": test_ci, "calibration": calibration, "operating_points": operating_points,
+               "history": history, "data": data.report, "train_seconds": round(seconds, 1), "args": args_to_dict(args), "command": command,
+               "evaluation_command": evaluation_command}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    np.savez(out / "test_predictions.npz", labels=data.test.labels, probs=test_p, paths=np.array(data.test.paths))
+    for name, split, margin, p in (("val", data.val, val_margin, val_p), ("test", data.test, test_margin, test_p)):
+        np.savez(out / f"{name}_predictions.npz", labels=split.labels, probs=p, margin=margin, paths=np.array(split.paths))
     plot_roc({"val": (data.val.labels, val_p), "test": (data.test.labels, test_p)}, out / "roc.png",
              {"test @ threshold": (1 - test_m["specificity"], test_m["sensitivity"])})
     plot_confusion(test_m["confusion"], list(LABELS), out / "confusion.png", f"test, threshold {config.threshold:.3f}")
+    plot_reliability(data.test.labels, {"uncalibrated": raw_test, f"calibrated ({args.calibration})": test_p}, out / "reliability.png")
     if history:
         plot_learning_curves(history, out / "learning_curves.png")
-    print(f"test: AUC {test_m['auc']:.4f}  accuracy {test_m['accuracy']:.4f}  sensitivity {test_m['sensitivity']:.4f}  "
-          f"specificity {test_m['specificity']:.4f}  kappa {test_m['kappa']:.4f}  (n={test_m['n']}, threshold {config.threshold:.3f})")
+    ci = {k: f"[{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in test_ci.items()}
+    print(f"test: AUC {test_m['auc']:.4f} {ci['auc']}  accuracy {test_m['accuracy']:.4f} {ci['accuracy']}  sensitivity {test_m['sensitivity']:.4f} "
+          f"{ci['sensitivity']}  specificity {test_m['specificity']:.4f} {ci['specificity']}  kappa {test_m['kappa']:.4f} {ci['kappa']}  "
+          f"(n={test_m['n']}, threshold {config.threshold:.3f} for {args.threshold_rule} on val)")
+    print(f"calibration ({args.calibration}): temperature {config.temperature:.3f}, logit bias {config.logit_bias:+.3f}; "
+          f"test ECE {calibration['test_ece_before']:.3f} -> {calibration['test_ece_after']:.3f}")
     print(f"run written to {out} in {seconds / 60:.1f} min; export with: python -m training.export {out} --to MODEL_DIR")
     return metrics
 
