@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 from typing import Union
 
@@ -61,14 +62,28 @@ def decode_bytes(data: bytes, label: str = "image") -> Image.Image:
         raise ImageDecodeError(f"{label}: not a recognised image{kind}; expected {ACCEPTED_TEXT}") from None
     except Image.DecompressionBombError:
         raise ImageDecodeError(f"{label}: image is too large to decode safely (limit {MAX_PIXELS:,} pixels)") from None
+    except _CORRUPT as e:  # a recognised header with broken fields (found by the fuzz test)
+        raise ImageDecodeError(f"{label}: corrupt image header ({_one_line(e)}); expected {ACCEPTED_TEXT}") from None
     if image.format not in ACCEPTED_FORMATS:
         raise ImageDecodeError(f"{label}: {image.format} images are not accepted; expected {ACCEPTED_TEXT}")
     check_size(image.size, label)
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"{label}: corrupt or truncated {image.format} data ({e})") from None
-    return _to_gray(ImageOps.exif_transpose(image), label)
+        return _to_gray(ImageOps.exif_transpose(image), label)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(f"{label}: image is too large to decode safely (limit {MAX_PIXELS:,} pixels)") from None
+    except _CORRUPT as e:
+        raise ImageDecodeError(f"{label}: corrupt or truncated {image.format} data ({_one_line(e)})") from None
+
+
+# What Pillow's decoders raise on malformed data, besides UnidentifiedImageError.
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def check_size(size: tuple[int, int], label: str) -> None:

@@ -53,7 +53,8 @@ class FracturePredictor:
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.transform = build_eval_transform(config)
-        self.model = model.to(self.device).eval()
+        # channels_last like training; the inputs are made channels_last too, so no layout conversions per layer.
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         # Grad-CAM on the last block needs gradients only from the head back to that block.
         self.target_layer = self.model.layer4[-1]
         self.model.requires_grad_(False)

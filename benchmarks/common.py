@@ -1,0 +1,40 @@
+"""Shared bits of the benchmarks: real input files, a machine description, appending to RESULTS.md."""
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+DATA = Path(os.environ.get("BONEFRAC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def real_files(n: int) -> list[Path]:
+    """The first ``n`` FracAtlas JPEGs (sorted), read from ../shared/data; never copied into the repo."""
+    files = sorted((DATA / "fracatlas").rglob("*.jpg"))
+    if not files:
+        raise SystemExit(f"error: no real X-rays under {DATA / 'fracatlas'} (set BONEFRAC_DATA)")
+    return files[:n]
+
+
+def machine_line() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+
+
+def append_results(path: Path, title: str, command: str, machine: str, table: str) -> None:
+    from bonefrac.config import atomic_write_text
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n"
+    atomic_write_text(path, f"{old.rstrip()}\n\n## {title}, {stamp}\n\n`{command}`  \n{machine}\n\n{table}")
