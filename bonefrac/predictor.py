@@ -55,11 +55,9 @@ class FracturePredictor:
         self.transform = build_eval_transform(config)
         # channels_last like training; the inputs are made channels_last too, so no layout conversions per layer.
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
-        # Grad-CAM on the last block needs gradients only from the head back to that block.
+        # Grad-CAM needs no weight gradients at all (see explain.gradcam): nothing in the model requires grad.
         self.target_layer = self.model.layer4[-1]
         self.model.requires_grad_(False)
-        self.target_layer.requires_grad_(True)
-        self.model.fc.requires_grad_(True)
         # One lock around every forward pass: Grad-CAM's hooks record any forward that runs on the
         # model while a CAM is alive, so a concurrent predict() could corrupt a heat map.
         self._lock = threading.Lock()
