@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP")
-ACCEPTED_TEXT = "PNG, JPEG, TIFF, BMP or WebP (8- or 16-bit, grayscale or colour)"
+ACCEPTED_TEXT = "PNG, JPEG, TIFF, BMP, WebP (8- or 16-bit, grayscale or colour) or single-frame DICOM"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom")
 MAX_PIXELS = 60_000_000  # ~7700 x 7700; anything larger is refused before decoding
 MIN_SIDE = 16
@@ -53,8 +53,8 @@ def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
 def decode_bytes(data: bytes, label: str = "image") -> Image.Image:
     if len(data) == 0:
         raise ImageDecodeError(f"{label}: file is empty (0 bytes); expected {ACCEPTED_TEXT}")
-    if len(data) > 132 and data[128:132] == b"DICM":
-        raise ImageDecodeError(f"{label}: DICOM files are not supported yet; export the image as 16-bit PNG")
+    if len(data) > 132 and data[128:132] == b"DICM":  # DICOM Part 10, whatever the file is called
+        return decode_dicom(data, label)
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -84,6 +84,41 @@ _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def decode_dicom(data: bytes, label: str = "image") -> Image.Image:
+    """A single-frame DICOM image as the radiologist's viewer shows it: the modality LUT (rescale
+    slope/intercept), then the VOI LUT or window centre/width, MONOCHROME1 inverted so bone is white;
+    then stretched to 8 bits like any high-bit-depth image. Messages never include patient data."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, *_CORRUPT) as e:
+        raise ImageDecodeError(f"{label}: corrupt DICOM file ({_one_line(e)})") from None
+    if "PixelData" not in ds:
+        raise ImageDecodeError(f"{label}: DICOM file holds no image (no PixelData); expected a radiograph")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageDecodeError(f"{label}: multi-frame DICOM ({frames} frames) is not supported; export the one frame to read as its own file")
+    try:
+        check_size((int(ds.Columns), int(ds.Rows)), label)
+        array = ds.pixel_array
+    except ImageDecodeError:
+        raise
+    except (AttributeError, NotImplementedError, RuntimeError, *_CORRUPT) as e:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "unknown transfer syntax")
+        raise ImageDecodeError(f"{label}: cannot decode the DICOM pixel data ({name}: {_one_line(e)}); "
+                               "uncompressed DICOM is accepted, or export the image as 16-bit PNG") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric.startswith("MONOCHROME"):
+        array = apply_voi_lut(apply_modality_lut(array, ds), ds, index=0).astype(np.float64)
+        if photometric == "MONOCHROME1":  # low values are white: invert so bone is white as in every other input
+            array = array.max() + array.min() - array
+    return _array_to_gray(array, label)
 
 
 def check_size(size: tuple[int, int], label: str) -> None:
