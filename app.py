@@ -10,6 +10,9 @@ default the bundled ``model/``. Scripts call the same endpoint::
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import gradio as gr
@@ -21,6 +24,10 @@ from bonefrac.imaging import IMAGE_EXTENSIONS
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_FILE_SIZE = "30mb"
 CONCURRENCY = 2  # Grad-CAM is serialised per model; two workers overlap decoding with it
+# Gradio stores identical uploads at one path, so the file a request is done with may be the file a
+# queued request (another user, or a double click) is about to read. It is deleted once no request
+# holds it and this many seconds have passed (the queue holds at most 64, about 10 s of work).
+UPLOAD_GRACE_S = float(os.environ.get("BONEFRAC_UPLOAD_GRACE_S", "60"))
 DISCLAIMER = ("**Decision support only: not a medical device.** The probability and heat map come from a "
               "research model and can be wrong. Never use them to diagnose, treat or rule out a fracture.")
 
@@ -56,25 +63,70 @@ def _forget(path: str | None) -> None:
     p.unlink()
 
 
+class _Uploads:
+    """Reference-counted deletion of uploads: deleted when no request holds them and the grace has passed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._in_use: Counter[str] = Counter()
+        self._due: dict[str, float] = {}
+        self._janitor: threading.Thread | None = None
+
+    def acquire(self, path: str) -> None:
+        with self._lock:
+            self._in_use[path] += 1
+            self._due.pop(path, None)
+
+    def release(self, path: str) -> None:
+        with self._lock:
+            self._in_use[path] -= 1
+            if self._in_use[path] > 0:
+                return
+            del self._in_use[path]
+            if UPLOAD_GRACE_S > 0:
+                self._due[path] = time.monotonic() + UPLOAD_GRACE_S
+                if self._janitor is None:
+                    self._janitor = threading.Thread(target=self._sweep, name="bonefrac-uploads", daemon=True)
+                    self._janitor.start()
+                return
+        _forget(path)
+
+    def _sweep(self) -> None:
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self._lock:
+                expired = [p for p, due in self._due.items() if due <= now]
+                for p in expired:
+                    del self._due[p]
+            for p in expired:
+                try:
+                    _forget(p)
+                except OSError:  # already gone (Gradio's own cache cleanup); nothing left to protect
+                    pass
+
+
 def make_handlers(predictor: FracturePredictor):
     """(predict, preview, reblend): the public endpoint; the input preview; the opacity slider's re-blend."""
     from bonefrac.explain import overlay as blend
 
     config = predictor.config
+    uploads = _Uploads()
 
     def predict(upload, opacity: float = 0.4):
         path = _upload_path(upload)
         if path is None:
             raise gr.Error("No image: upload an X-ray (PNG, JPEG, TIFF, BMP or WebP).")
-        if not Path(path).exists():
-            raise gr.Error("This upload was discarded after it was analysed (uploads are not kept); upload the image again.")
+        uploads.acquire(path)
         try:
+            if not Path(path).exists():
+                raise gr.Error("This upload was discarded after it was analysed (uploads are not kept); upload the image again.")
             explanation = predictor.explain(path, alpha=float(opacity))
         except ImageDecodeError as e:
             # The message starts with the temp file's name; the user knows their own file.
             raise gr.Error(str(e).split(": ", 1)[-1]) from None
         finally:
-            _forget(path)
+            uploads.release(path)
         p = explanation.probabilities[config.positive_label]
         decision = (f"### {explanation.prediction.capitalize()}\n"
                     f"P({config.positive_label}) = {p:.1%}; the model calls **{config.positive_label}** at "

@@ -37,7 +37,8 @@ def as_upload():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_handler_on_real_xrays(predictor, good_images, as_upload):
+def test_handler_on_real_xrays(predictor, good_images, as_upload, monkeypatch):
+    monkeypatch.setattr(app, "UPLOAD_GRACE_S", 0.0)  # delete as soon as the request is done
     predict, preview, reblend = app.make_handlers(predictor)
     for src in good_images[:2]:
         upload = as_upload(src)
@@ -70,6 +71,31 @@ def test_handler_never_deletes_files_outside_the_upload_folder(predictor, good_i
     assert mine.exists()
     with pytest.raises(gr.Error, match="No image"):
         predict(None, 0.4)
+
+
+def test_shared_upload_is_kept_while_another_request_may_read_it(good_images, as_upload, monkeypatch):
+    """Gradio stores identical uploads at one path: one request must not delete another's input."""
+    import time
+
+    monkeypatch.setattr(app, "UPLOAD_GRACE_S", 0.5)
+    uploads = app._Uploads()
+    path = as_upload(good_images[0])
+    uploads.acquire(path)
+    uploads.acquire(path)  # a second request for the same file
+    uploads.release(path)
+    time.sleep(1.6)
+    assert Path(path).exists()  # still held by the second request
+    uploads.release(path)
+    time.sleep(0.2)
+    assert Path(path).exists()  # within the grace period a queued request may still come
+    uploads.acquire(path)  # ... and one does: the pending deletion is cancelled
+    time.sleep(1.6)
+    assert Path(path).exists()
+    uploads.release(path)
+    deadline = time.time() + 5
+    while Path(path).exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not Path(path).exists(), "deleted once nothing holds it and the grace has passed"
 
 
 def _free_port() -> int:
@@ -118,3 +144,15 @@ def test_client_script_as_in_readme(server, good_images, tmp_path):
     assert "fractured=" in lines[0] and "prediction=" in lines[0]
     assert "error:" in lines[1] and "truncated" in lines[1]
     assert load_image(tmp_path / f"{good_images[0].stem}.gradcam.png").size == load_image(good_images[0]).size
+
+
+@pytest.mark.slow
+def test_load_16_clients_mixed_inputs_on_the_real_app(real_data, tmp_path):
+    """`python app.py` for real; 16 gradio_client clients at once, good and bad files mixed."""
+    from benchmarks.load import run
+
+    r = run(clients=16, requests=96, bad_every=4)
+    assert r["unexpected"] == []
+    assert r["answered"] == r["good"] == 72 and r["expected_errors"] == 24
+    assert r["uploads_left"] == 0
+    assert r["rss_after_mb"] - r["rss_before_mb"] < 300  # no growth per request (hooks, tensors, files)

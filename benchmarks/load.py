@@ -1,0 +1,175 @@
+"""Load test of the real app: `python app.py` in a subprocess on 127.0.0.1, many gradio_client clients at once.
+
+    python -m benchmarks.load [--clients 16] [--requests 320] [--bad-every 5]
+
+Mixed inputs: real FracAtlas JPEGs, plus (every Nth request) a real truncated JPEG or a text file named
+.png, whose answer must be the one-line error. Reports start-up time (spawn -> first answered
+request), p50/p95 latency, unexpected errors, server memory (RSS) after warm-up and at the end, and
+uploads left in Gradio's temp folder. Appends to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import DATA, append_results, machine_line, real_files
+
+ROOT = Path(__file__).resolve().parents[1]
+GRACE_S = 10.0  # the app's upload grace (60 s in production): longer than any queue wait here, short enough to check every upload is deleted
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """`python app.py` with its own port and Gradio temp folder; stopped on exit."""
+
+    def __init__(self, temp_dir: Path, model: str | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.temp_dir = temp_dir
+        env = {**os.environ, "GRADIO_SERVER_PORT": str(self.port), "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_TEMP_DIR": str(temp_dir),
+               "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "BONEFRAC_UPLOAD_GRACE_S": str(GRACE_S)}
+        if model:
+            env["BONEFRAC_MODEL"] = model
+        self.log = tempfile.TemporaryFile()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def first_answer(self, image: Path, timeout: float = 180) -> float:
+        """Seconds from spawn to the first answered predict request."""
+        from gradio_client import Client, handle_file
+
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"app.py exited with {self.proc.returncode}: {self.log.read().decode()[-2000:]}")
+            try:
+                Client(self.url, verbose=False).predict(handle_file(str(image)), api_name="/predict")
+                return time.perf_counter() - self.started
+            except Exception:  # noqa: BLE001 - not up yet; retried until the deadline
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run(clients: int, requests: int, bad_every: int, model: str | None = None) -> dict:
+    from gradio_client import Client, handle_file
+
+    good = real_files(64)
+    scratch = Path(tempfile.mkdtemp(prefix="bonefrac-load-"))
+    text_png = scratch / "notes.png"
+    text_png.write_text("this is a text file, not an X-ray\n")
+    bad = [(DATA / "fracatlas" / "not_fractured" / "IMG0004028.jpg", "truncated"), (text_png, "not a recognised image")]
+    server = Server(scratch / "gradio")
+    try:
+        startup = server.first_answer(good[0])
+        for i in range(4):  # warm-up, then the memory baseline
+            Client(server.url, verbose=False).predict(handle_file(str(good[i])), api_name="/predict")
+        rss_before = rss_mb(server.proc.pid)
+        latencies, unexpected, expected_errors, answered = [], [], 0, 0
+        lock = threading.Lock()
+        counter = iter(range(requests))
+
+        def worker():
+            nonlocal expected_errors, answered
+            client = Client(server.url, verbose=False)
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                is_bad = bad_every and i % bad_every == bad_every - 1
+                path, message = bad[i % len(bad)] if is_bad else (good[i % len(good)], None)
+                t = time.perf_counter()
+                try:
+                    label, overlay, decision = client.predict(handle_file(str(path)), api_name="/predict")
+                    ok = not is_bad and "P(fractured)" in decision and len(label["confidences"]) == 2
+                    with lock:
+                        if ok:
+                            latencies.append(time.perf_counter() - t)
+                            answered += 1
+                        else:
+                            unexpected.append(f"{path.name}: answered {decision!r}")
+                except Exception as e:  # noqa: BLE001 - classified below: an expected one-line error or not
+                    with lock:
+                        if is_bad and message in str(e):
+                            expected_errors += 1
+                        else:
+                            unexpected.append(f"{path.name}: {type(e).__name__}: {e}"[:300])
+
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        rss_after = rss_mb(server.proc.pid)
+        time.sleep(GRACE_S + 1.5)  # the janitor sweeps once a second
+        uploads_left = [p for p in (scratch / "gradio").rglob("*") if p.is_file() and (p.suffix.lower() in (".jpg", ".jpeg") or p.name == "notes.png")]
+    finally:
+        server.stop()
+    n_good = sum(1 for i in range(requests) if not (bad_every and i % bad_every == bad_every - 1))
+    q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
+    return {"clients": clients, "requests": requests, "good": n_good, "answered": answered, "expected_errors": expected_errors,
+            "unexpected": unexpected, "p50_ms": statistics.median(latencies) * 1e3 if latencies else float("nan"), "p95_ms": q[18] * 1e3,
+            "throughput": requests / wall, "rss_before_mb": rss_before, "rss_after_mb": rss_after, "uploads_left": len(uploads_left),
+            "startup_s": startup}
+
+
+def table(r: dict) -> str:
+    return ("| clients | requests (good / bad) | answered | expected errors | unexpected errors | p50 | p95 | req/s | "
+            "server RSS after warm-up -> end | uploads left | start-up to first answer |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+            f"| {r['clients']} | {r['requests']} ({r['good']} / {r['requests'] - r['good']}) | {r['answered']} | {r['expected_errors']} | "
+            f"{len(r['unexpected'])} | {r['p50_ms']:.0f} ms | {r['p95_ms']:.0f} ms | {r['throughput']:.1f} | "
+            f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} MB | {r['uploads_left']} | {r['startup_s']:.1f} s |\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=320)
+    p.add_argument("--bad-every", type=int, default=5, help="every Nth request sends a bad file (0: none)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = p.parse_args(argv)
+    r = run(args.clients, args.requests, args.bad_every, args.model)
+    text = table(r)
+    print(text, end="")
+    for line in r["unexpected"][:10]:
+        print("unexpected:", line)
+    if str(args.results):
+        append_results(args.results, "Load test of the real app (CPU)", "python -m benchmarks.load " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       machine_line(), text)
+    return 1 if r["unexpected"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
