@@ -32,9 +32,18 @@ def machine_line() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
 
 
-def append_results(path: Path, title: str, command: str, machine: str, table: str) -> None:
+def publish(path: Path | str | None, title: str, module: str, argv: list[str] | None, table: str) -> None:
+    """Print a benchmark's table and append it, with the command, machine and date, to ``path``
+    (RESULTS.md; an empty path appends nothing)."""
+    import sys
+
     from bonefrac.config import atomic_write_text
 
+    print(table, end="")
+    if not path or str(path) in ("", "."):
+        return
+    path = Path(path)
+    command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n"
-    atomic_write_text(path, f"{old.rstrip()}\n\n## {title}, {stamp}\n\n`{command}`  \n{machine}\n\n{table}")
+    atomic_write_text(path, f"{old.rstrip()}\n\n## {title}, {stamp}\n\n`{command}`  \n{machine_line()}\n\n{table}")

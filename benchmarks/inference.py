@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import append_results, machine_line, real_files
+from benchmarks.common import publish, real_files
 
 
 def _median_ms(fn, repeat: int) -> float:
@@ -91,8 +91,8 @@ def run(model: str | None, files: int, repeat: int, batch_size: int, threads: in
     ]
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| measurement | bonefrac | bare ResNet18 forward | ratio | target | met |", "|---|---|---|---|---|---|"]
+def table(rows: list[dict], floor: str = "bare ResNet18 forward") -> str:
+    lines = [f"| measurement | bonefrac | {floor} | ratio | target | met |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['ours']} | {r['floor']} | {r['ratio']:.2f}x | {r['target']} | {'yes' if r['ok'] else 'no'} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -104,14 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"), help="markdown file to append to ('' : none)")
+    p.add_argument("--results", default=Path(__file__).with_name("RESULTS.md"), help="markdown file to append to ('': none)")
     args = p.parse_args(argv)
     rows = run(args.model, args.files, args.repeat, args.batch_size, args.threads)
-    text = table(rows)
-    print(text, end="")
-    if str(args.results):
-        append_results(args.results, "Inference (CPU)", "python -m benchmarks.inference " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       machine_line(), text)
+    publish(args.results, "Inference (CPU)", "benchmarks.inference", argv, table(rows))
     return 0
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import DATA, append_results, machine_line, real_files
+from benchmarks.common import DATA, publish, real_files
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_S = 10.0  # the app's upload grace (60 s in production): longer than any queue wait here, short enough to check every upload is deleted
@@ -158,16 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=320)
     p.add_argument("--bad-every", type=int, default=5, help="every Nth request sends a bad file (0: none)")
     p.add_argument("--model", default=None)
-    p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    p.add_argument("--results", default=Path(__file__).with_name("RESULTS.md"), help="markdown file to append to ('': none)")
     args = p.parse_args(argv)
     r = run(args.clients, args.requests, args.bad_every, args.model)
-    text = table(r)
-    print(text, end="")
+    publish(args.results, "Load test of the real app (CPU)", "benchmarks.load", argv, table(r))
     for line in r["unexpected"][:10]:
         print("unexpected:", line)
-    if str(args.results):
-        append_results(args.results, "Load test of the real app (CPU)", "python -m benchmarks.load " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       machine_line(), text)
     return 1 if r["unexpected"] else 0
 
 

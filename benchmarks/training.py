@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import append_results, machine_line, real_files
+from benchmarks.common import publish, real_files
 
 
 def run(size: int, images: int, batch_size: int, steps: int, cache_dir: str | None) -> list[dict]:
@@ -89,14 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--cache-dir", default=".cache/bonefrac")
-    p.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    p.add_argument("--results", default=Path(__file__).with_name("RESULTS.md"), help="markdown file to append to ('': none)")
     args = p.parse_args(argv)
     rows = run(args.size, args.images, args.batch_size, args.steps, args.cache_dir or None)
-    text = table(rows).replace("bare ResNet18 forward", "synthetic-data ceiling")
-    print(text, end="")
-    if str(args.results):
-        append_results(args.results, "Training throughput", "python -m benchmarks.training " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       machine_line(), text)
+    publish(args.results, "Training throughput", "benchmarks.training", argv, table(rows, floor="synthetic-data ceiling"))
     return 0
 
 

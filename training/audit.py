@@ -21,7 +21,7 @@ import io
 import json
 import os
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -120,24 +120,30 @@ def duplicate_groups(sha: list[str], hashes: np.ndarray, max_distance: int = NEA
 # ---- the audit command ---------------------------------------------------------------------
 
 def hash_file(path: str) -> tuple[str, str, np.ndarray]:
-    """(reason it is unusable or '', SHA-256, dihedral hashes) for one file; decodes JPEGs at reduced scale."""
-    from bonefrac.imaging import ImageDecodeError, decode_bytes
-
+    """(reason it is unusable or '', SHA-256, dihedral hashes) for one file."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         return f"unreadable: {e.strerror or e}", "", np.zeros((8, HASH_WORDS), np.uint64)
+    return hash_bytes(data, Path(path).name)
+
+
+def hash_bytes(data: bytes, name: str, decoded: Image.Image | None = None) -> tuple[str, str, np.ndarray]:
+    """Like :func:`hash_file` for file bytes. JPEGs are decoded at reduced DCT scale (a 2000 px JPEG
+    decodes ~8x faster, same hash); other formats use ``decoded`` when the caller already has it."""
+    from bonefrac.imaging import ImageDecodeError, decode_bytes
+
     digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            if probe.format == "JPEG":  # DCT-domain downscale: a 2000 px JPEG decodes ~8x faster, same hash
+            if probe.format == "JPEG":
                 probe.draft("L", (2 * THUMBNAIL, 2 * THUMBNAIL))
                 probe.load()
                 return "", digest, dihedral_hashes(probe.convert("L"))
     except Exception:  # noqa: BLE001 - fall through to the full decoder, which explains the problem in one line
         pass
     try:
-        return "", digest, dihedral_hashes(decode_bytes(data, Path(path).name))
+        return "", digest, dihedral_hashes(decoded if decoded is not None else decode_bytes(data, name))
     except ImageDecodeError as e:
         return str(e).split(": ", 1)[-1], digest, np.zeros((8, HASH_WORDS), np.uint64)
 
@@ -146,6 +152,8 @@ def audit(samples, workers: int = 2, progress: bool = True) -> dict:
     """Hash every sample, group copies, and count what matters: held-out images with a copy in
     training, groups under both labels, copies across datasets."""
     from tqdm import tqdm
+
+    from training.data import _Serial
 
     paths = [str(s.path) for s in samples]
     with get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
@@ -202,17 +210,6 @@ def audit(samples, workers: int = 2, progress: bool = True) -> dict:
         "near_duplicate_distance": NEAR_DUPLICATE_DISTANCE, "hash_bits": HASH_SIZE * HASH_SIZE,
         "rows": rows,
     }
-
-
-class _Serial:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def summary_table(report: dict) -> str:

@@ -93,24 +93,28 @@ def check_file(path: str | os.PathLike) -> str | None:
         data = path.read_bytes()
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
+    return check_bytes(data, path.name)[0]
+
+
+def check_bytes(data: bytes, name: str) -> tuple[str | None, Image.Image | None]:
+    """(why these file bytes are unusable as training data or None, the decoded image when usable)."""
     if not data:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", None
     try:
         with Image.open(io.BytesIO(data)) as probe:
             fmt, mode = probe.format, probe.mode
     except UnidentifiedImageError:
-        return "not an image"
+        return "not an image", None
     except Image.DecompressionBombError:
-        return "too many pixels (decompression-bomb guard)"
+        return "too many pixels (decompression-bomb guard)", None
     if fmt not in TRAIN_FORMATS:
-        return f"{fmt} content named {path.suffix or '(no extension)'}; accepted: {', '.join(sorted(TRAIN_FORMATS))}"
+        return f"{fmt} content named {Path(name).suffix or '(no extension)'}; accepted: {', '.join(sorted(TRAIN_FORMATS))}", None
     if mode not in TRAIN_MODES:
-        return f"unsupported mode {mode} (accepted: {', '.join(sorted(TRAIN_MODES))})"
+        return f"unsupported mode {mode} (accepted: {', '.join(sorted(TRAIN_MODES))})", None
     try:
-        decode_bytes(data, path.name)
+        return None, decode_bytes(data, name)
     except ImageDecodeError as e:
-        return str(e).split(": ", 1)[-1]
-    return None
+        return str(e).split(": ", 1)[-1], None
 
 
 def find_corrupt(samples_or_paths, workers: int = 2) -> list[tuple[Path, str]]:
@@ -121,6 +125,8 @@ def find_corrupt(samples_or_paths, workers: int = 2) -> list[tuple[Path, str]]:
 
 
 class _Serial:
+    """A stand-in for a process pool when workers == 1 (tests, debugging)."""
+
     def __enter__(self):
         return self
 
@@ -129,6 +135,9 @@ class _Serial:
 
     def map(self, fn, items, chunksize=1):
         return [fn(i) for i in items]
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
 
 
 def quarantine(bad: list[tuple[Path, str]], roots: list[Path], quarantine_dir: str | os.PathLike) -> Path:
@@ -232,16 +241,23 @@ def kfold_assignments(labels: np.ndarray, k: int, seed: int, groups: np.ndarray 
 # ---- decoded-image cache ------------------------------------------------------------------
 
 def _decode_for_cache(args: tuple[str, int, str]) -> tuple[str, np.ndarray | None, str, np.ndarray]:
-    """(path) -> (reason or '', resized uint8 image, sha256 of the bytes, dihedral perceptual hashes)."""
+    """(path) -> (reason or '', resized uint8 image, sha256 of the bytes, dihedral perceptual hashes).
+
+    The file is read once and fully decoded once; the hashes are the audit's own (``hash_bytes``),
+    so training and ``python -m training.audit`` agree."""
     path, size, interpolation = args
-    from training.audit import hash_file
+    from training.audit import hash_bytes
     from bonefrac.config import ModelConfig
 
-    reason = check_file(path)
-    _, digest, hashes = hash_file(path)  # the audit's own hashes, so training and `training.audit` agree
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        data, reason, image = b"", f"unreadable: {e.strerror or e}", None
+    else:
+        reason, image = check_bytes(data, Path(path).name)
+    _, digest, hashes = hash_bytes(data, Path(path).name, decoded=image)
     if reason:
         return reason, None, digest, hashes
-    image = decode_bytes(Path(path).read_bytes(), Path(path).name)
     transform = EvalTransform(ModelConfig(input_size=size, interpolation=interpolation))
     return "", transform.resize(image), digest, hashes
 
@@ -283,8 +299,7 @@ def decode_samples(samples: list[Sample], transform: EvalTransform, interpolatio
 
         jobs = [(str(s.path), transform.size, interpolation) for s in samples]
         with get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
-            mapper = pool.imap(_decode_for_cache, jobs, chunksize=16) if workers > 1 else map(_decode_for_cache, jobs)
-            out = list(tqdm(mapper, total=len(jobs), desc="decode", file=sys.stderr, disable=not progress))
+            out = list(tqdm(pool.imap(_decode_for_cache, jobs, chunksize=16), total=len(jobs), desc="decode", file=sys.stderr, disable=not progress))
         reasons = [o[0] for o in out]
         blank = np.zeros((transform.size, transform.size), np.uint8)
         images = np.stack([o[1] if o[1] is not None else blank for o in out]) if out else np.zeros((0, transform.size, transform.size), np.uint8)

@@ -202,8 +202,8 @@ def write_split_csv(path: Path, data: Data) -> None:
 
 
 def make_data(args, pool: Pool, splits: np.ndarray) -> Data:
-    """Splits -> Data, after a leakage audit: training images that copy a val/test image are
-    dropped (or, with --allow-leaky-splits, kept and reported)."""
+    """Splits -> Data, after a leakage audit of them; ``args.leaks`` says which side of a leak is
+    dropped (training copies, or the val/test images) or that it is kept; the numbers are reported."""
     d = pool.decoded
     train, val, test = (np.flatnonzero(splits == name) for name in ("train", "val", "test"))
     if len(val) == 0 or len(test) == 0:
@@ -214,8 +214,8 @@ def make_data(args, pool: Pool, splits: np.ndarray) -> Data:
         return find_leaks([sha[i] for i in idx], d.phash[idx], [sha[i] for i in of], d.phash[of])
 
     held = np.concatenate([val, test])
-    train_copies = copies(train, held)
-    test_leaky, val_leaky = int(copies(test, train).sum()), int(copies(val, train).sum())
+    train_copies, test_copies, val_copies = copies(train, held), copies(test, train), copies(val, train)
+    test_leaky, val_leaky = int(test_copies.sum()), int(val_copies.sum())
     by_dataset = Counter(d.samples[i].dataset for i in train[train_copies])
     leaks = {"test_images_with_copy_in_train": test_leaky, "test_images": int(len(test)),
              "val_images_with_copy_in_train": val_leaky, "val_images": int(len(val)),
@@ -229,7 +229,7 @@ def make_data(args, pool: Pool, splits: np.ndarray) -> Data:
     elif train_copies.any() and args.leaks == "drop-test":
         leaks["action"] = f"dropped the {test_leaky} test and {val_leaky} val images that have a copy in training"
         print(f"WARNING: the splits leak: {numbers}; dropped those val/test images (--leaks drop-test)", file=sys.stderr)
-        test, val = test[~copies(test, train)], val[~copies(val, train)]
+        test, val = test[~test_copies], val[~val_copies]
     elif train_copies.any():
         leaks["action"] = f"dropped the {int(train_copies.sum())} training copies"
         print(f"WARNING: the splits leak: {numbers}; dropped those training images so the test is leak-free "
@@ -248,12 +248,6 @@ def make_data(args, pool: Pool, splits: np.ndarray) -> Data:
               "test_datasets": sorted({d.samples[i].dataset for i in test})}
     assignment = [(str(s.path), str(split)) for s, split in zip(d.samples, splits) if split in ("train", "val", "test")]
     return Data(_subset(d, train), _subset(d, val), _subset(d, test), report, assignment)
-
-
-def prepare_data(args, transform: EvalTransform, split_csv: Path | None = None) -> Data:
-    pool = load_pool(args, transform)
-    splits = read_split_csv(split_csv, pool) if split_csv and split_csv.exists() else default_splits(args, pool)
-    return make_data(args, pool, splits)
 
 
 def kfold_splits(args, pool: Pool) -> list[np.ndarray]:
