@@ -34,11 +34,18 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator | None,
     return torch.rand(n, generator=generator, device=device) * (high - low) + low
 
 
-def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 (B, 1, H, W) -> augmented uint8 (B, 1, H, W), on the input's device."""
+def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None,
+                  rows: slice | None = None, total: int | None = None) -> torch.Tensor:
+    """uint8 (B, 1, H, W) -> augmented uint8 (B, 1, H, W), on the input's device.
+
+    ``images`` may be the ``rows`` of a larger batch of ``total`` images (one rank's share under DDP):
+    the random parameters are drawn for the whole batch and this part's are used, so every image gets
+    the augmentation it would get in a single process.
+    """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"augment_batch expects uint8 (B, 1, H, W), got {images.dtype} {tuple(images.shape)}")
-    b, dev = images.shape[0], images.device
+    rows = rows if rows is not None else slice(None)
+    b, dev = (total or images.shape[0]), images.device
     x = images.float() / 255.0
 
     # Geometry: theta maps output coordinates to input coordinates in [-1, 1].
@@ -56,20 +63,20 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gen
     theta = torch.stack([
         torch.stack([sx * fx * cos, -sy * fy * sin, tx], dim=1),
         torch.stack([sx * fx * sin, sy * fy * cos, ty], dim=1),
-    ], dim=1)
+    ], dim=1)[rows]
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     # Intensity.
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    contrast = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, generator, dev).view(b, 1, 1, 1)
-    brightness = _uniform(b, -cfg.brightness, cfg.brightness, generator, dev).view(b, 1, 1, 1)
+    contrast = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, generator, dev).view(b, 1, 1, 1)[rows]
+    brightness = _uniform(b, -cfg.brightness, cfg.brightness, generator, dev).view(b, 1, 1, 1)[rows]
     x = ((x - mean) * contrast + mean + brightness).clamp(0, 1)
     log_g = math.log(1 + cfg.gamma)
-    gamma = torch.exp(_uniform(b, -log_g, log_g, generator, dev)).view(b, 1, 1, 1)
+    gamma = torch.exp(_uniform(b, -log_g, log_g, generator, dev)).view(b, 1, 1, 1)[rows]
     x = x.pow(gamma)
     if cfg.noise > 0:
-        x = x + torch.randn(x.shape, generator=generator, device=dev) * cfg.noise
+        x = x + torch.randn((b, *x.shape[1:]), generator=generator, device=dev)[rows] * cfg.noise
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

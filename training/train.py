@@ -8,6 +8,10 @@ seeded, duplicate-group-aware split); ``--extra-train`` datasets only add traini
 training image that is an exact or near copy of a validation/test image is dropped, so the test
 metrics are leak-free. Outputs in the run folder: checkpoint.pt (resumable), best.safetensors,
 config.json, metrics.json, roc.png, confusion.png, learning_curves.png, augment_preview.png.
+
+On several devices or nodes, launch it with torchrun (DistributedDataParallel; see training/distributed.py):
+
+    torchrun --standalone --nproc-per-node 4 -m training.train --data ... --output-dir runs/ddp
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from bonefrac.transforms import EvalTransform, build_eval_transform
 
 from .audit import duplicate_groups, find_leaks
 from .augment import AugmentConfig, augment_batch, save_preview
+from .distributed import Dist, cleanup, convert_batchnorm, gathered_predictions, setup, wrap
 from .data import LABELS, DecodedSet, decode_samples, group_split, kfold_assignments, scan_dataset, stratified_split
 from .evaluate import (binary_metrics, bootstrap_ci, choose_threshold, expected_calibration_error, fit_platt, fit_temperature,
                        parse_threshold_rule, plot_confusion, plot_learning_curves, plot_reliability, plot_roc, sigmoid)
@@ -62,7 +67,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "youden, sensitivity:T (best specificity with sensitivity >= T) or specificity:T")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% confidence intervals")
     p.add_argument("--epochs", type=int, default=18)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch: under torchrun it is shared out among the "
+                   "processes, so the recipe and its result do not depend on the number of devices")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True, help="under torchrun: BatchNorm "
+                   "statistics over the global batch (the same training as one process); --no-sync-bn: per-process statistics")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr as a fraction of --lr (cosine)")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -329,50 +337,64 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None, d
 
 
 def train_one_epoch(model, ema, optimizer, data: Split, transform: EvalTransform, aug: AugmentConfig, args, epoch: int,
-                    step: int, total_steps: int, class_weights: torch.Tensor, device, dtype) -> tuple[float, int]:
+                    step: int, total_steps: int, class_weights: torch.Tensor, device, dtype, info: Dist = Dist(),
+                    step_model: torch.nn.Module | None = None) -> tuple[float, int]:
+    """One epoch over ``data.train``; ``step_model`` is the module to call (DDP around ``model`` under torchrun).
+    Every rank draws the same global batch and augmentation parameters and takes its own slice of them."""
     from tqdm import tqdm
 
-    model.train()
+    step_model = step_model or model
+    step_model.train()
     gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # per epoch, so a resumed run replays the same order
     images, labels = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+    weights = class_weights.to(device)
     warmup = int(args.warmup_epochs * math.ceil(len(labels) / args.batch_size))
     total_loss, seen = 0.0, 0
     n_batches = len(labels) // args.batch_size if len(labels) >= args.batch_size else 1
     bar = tqdm(batches(len(labels), args.batch_size, gen, drop_last=True), total=n_batches, desc=f"epoch {epoch}",
-               file=sys.stderr, disable=args.no_progress, leave=False)
+               file=sys.stderr, disable=args.no_progress or not info.is_main, leave=False)
     for idx in bar:
+        idx = idx[: len(idx) // info.world * info.world]  # a short final batch (tiny data only) must share out evenly
+        mine = info.local_slice(len(idx))
         lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = images[idx].unsqueeze(1).to(device, non_blocking=True)
-        y = labels[idx].to(device, non_blocking=True)
-        x = transform.normalize(augment_batch(x, aug, gen if device.type == "cpu" else None))
+        x = images[idx[mine]].unsqueeze(1).to(device, non_blocking=True)
+        y = labels[idx[mine]].to(device, non_blocking=True)
+        x = transform.normalize(augment_batch(x, aug, gen if device.type == "cpu" else None, rows=mine, total=len(idx)))
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=class_weights.to(device), label_smoothing=args.label_smoothing)
+            logits = step_model(x)
+        # The class-weighted mean over the *global* batch; DDP averages gradients over ranks, hence the factor world.
+        per_image = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=args.label_smoothing, reduction="none")
+        share = per_image.sum() / weights[labels[idx].to(device)].sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (share * info.world).backward()
         optimizer.step()
         if ema is not None:
             ema.update_parameters(model)
         step += 1
-        total_loss += loss.item() * len(idx)
+        total_loss += share.item() * len(idx)
         seen += len(idx)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{lr:.2e}")
-    return total_loss / max(1, seen), step
+        bar.set_postfix(loss=f"{total_loss * info.world / seen:.4f}", lr=f"{lr:.2e}")
+    return info.sum([total_loss])[0] / max(1, seen), step
 
 
 @torch.inference_mode()
-def predict_split(model, data: Split, transform: EvalTransform, device, batch_size: int = 128) -> np.ndarray:
+def predict_images(model, images: np.ndarray, transform: EvalTransform, device, batch_size: int = 128) -> np.ndarray:
     """Logits (N, 2) in fp32, through the eval transform's normalize on cached resized images."""
     model.eval()
     out = []
-    images = torch.from_numpy(data.images)
+    images = torch.from_numpy(images)
     for idx in batches(len(images), batch_size):
         x = transform.normalize(images[idx].to(device)).contiguous(memory_format=torch.channels_last)
         out.append(model(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 2), np.float32)
+
+
+def predict_split(model, data: Split, transform: EvalTransform, device, info: Dist = Dist()) -> np.ndarray:
+    """Logits of a whole split; under torchrun each rank predicts a shard and every rank gets all of them."""
+    return gathered_predictions(lambda images: predict_images(model, images, transform, device), data.images, info)
 
 
 def margin_of(logits: np.ndarray) -> np.ndarray:
@@ -381,8 +403,8 @@ def margin_of(logits: np.ndarray) -> np.ndarray:
     return (logits[:, pos] - logits[:, 1 - pos]).astype(np.float64)
 
 
-def evaluate(model, data: Split, transform, device, class_weights) -> dict:
-    logits = torch.from_numpy(predict_split(model, data, transform, device))
+def evaluate(model, data: Split, transform, device, class_weights, info: Dist = Dist()) -> dict:
+    logits = torch.from_numpy(predict_split(model, data, transform, device, info))
     loss = F.cross_entropy(logits, torch.from_numpy(data.labels), weight=class_weights).item()
     probs = torch.softmax(logits, dim=1).numpy()
     return {"loss": loss, "probs": probs, **binary_metrics(data.labels, probs[:, 1], 0.5)}
@@ -398,24 +420,34 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     t0 = time.time()
-    seed_everything(args.seed)
     parse_threshold_rule(args.threshold_rule)  # fail before any work
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    dtype = amp_dtype(args.amp, device)
-    print(f"device {device}, autocast {dtype}, torch {torch.__version__}")
-    transform = build_eval_transform(ModelConfig(input_size=args.size, interpolation=args.interpolation))
-    pool = load_pool(args, transform)
-    if args.kfold:
-        return run_kfold(args, pool, out, device, dtype, t0)
-    split_csv = out / "split.csv"
-    splits = read_split_csv(split_csv, pool) if args.resume and split_csv.exists() else default_splits(args, pool)
-    data = make_data(args, pool, splits)
-    return fit(args, data, out, device, dtype, t0)
+    info, ddp_device = setup(args.device)
+    try:
+        if args.batch_size % info.world:
+            raise SystemExit(f"error: --batch-size {args.batch_size} (the global batch) does not divide among {info.world} processes")
+        seed_everything(args.seed)  # the same on every rank: identical initial weights, permutations and augmentations
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        device = ddp_device or resolve_device(args.device)
+        dtype = amp_dtype(args.amp, device)
+        print(f"device {device}, autocast {dtype}, torch {torch.__version__}"
+              + (f", {info.world} processes (DDP, {'global' if args.sync_bn else 'per-process'} BatchNorm)" if info.enabled else ""))
+        transform = build_eval_transform(ModelConfig(input_size=args.size, interpolation=args.interpolation))
+        # Rank 0 decodes and writes the cache; the others then read it.
+        pool = load_pool(args, transform) if info.is_main else None
+        info.barrier()
+        pool = pool or load_pool(args, transform)
+        if args.kfold:
+            return run_kfold(args, pool, out, device, dtype, t0, info)
+        split_csv = out / "split.csv"
+        splits = read_split_csv(split_csv, pool) if args.resume and split_csv.exists() else default_splits(args, pool)
+        data = make_data(args, pool, splits)
+        return fit(args, data, out, device, dtype, t0, info)
+    finally:
+        cleanup(info)
 
 
-def run_kfold(args, pool: Pool, out: Path, device, dtype, t0: float) -> dict:
+def run_kfold(args, pool: Pool, out: Path, device, dtype, t0: float, info: Dist = Dist()) -> dict:
     folds = []
     for f, splits in enumerate(kfold_splits(args, pool)):
         fold_dir = out / f"fold{f}"
@@ -426,12 +458,13 @@ def run_kfold(args, pool: Pool, out: Path, device, dtype, t0: float) -> dict:
             print(f"---- fold {f + 1} of {args.kfold} ----")
             fold_dir.mkdir(parents=True, exist_ok=True)
             fold_args = argparse.Namespace(**{**vars(args), "resume": args.resume and (fold_dir / "checkpoint.pt").exists()})
-            metrics = fit(fold_args, make_data(fold_args, pool, splits), fold_dir, device, dtype, time.time())
+            metrics = fit(fold_args, make_data(fold_args, pool, splits), fold_dir, device, dtype, time.time(), info)
         folds.append(metrics)
     summary = kfold_summary(folds)
     summary.update(seconds=round(time.time() - t0, 1), args=args_to_dict(args))
-    atomic_write_text(out / "kfold.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "kfold.md", kfold_table(summary))
+    if info.is_main:
+        atomic_write_text(out / "kfold.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "kfold.md", kfold_table(summary))
     print(kfold_table(summary))
     return summary
 
@@ -459,8 +492,9 @@ def kfold_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fit(args, data: Data, out: Path, device, dtype, t0: float) -> dict:
-    """Train one model on ``data`` into ``out`` (resumable), then :func:`finish` it."""
+def fit(args, data: Data, out: Path, device, dtype, t0: float, info: Dist = Dist()) -> dict:
+    """Train one model on ``data`` into ``out`` (resumable), then :func:`finish` it (on rank 0; every rank
+    returns its metrics)."""
     config = ModelConfig(input_size=args.size, interpolation=args.interpolation)
     # Normalise with the training set's own gray level statistics (the model starts from scratch).
     if args.init == "imagenet":
@@ -472,12 +506,17 @@ def fit(args, data: Data, out: Path, device, dtype, t0: float) -> dict:
         m, s = float(data.train.images.mean() / 255), float(data.train.images.std() / 255)
         config.mean, config.std = [round(m, 4)] * 3, [round(s, 4)] * 3
     transform = build_eval_transform(config)
-    write_split_csv(out / "split.csv", data)
+    if info.is_main:
+        write_split_csv(out / "split.csv", data)
 
     model = build_model(config)
     init_weights(model, args.init)
+    sync_bn = info.enabled and args.sync_bn
+    if sync_bn:
+        model = convert_batchnorm(model, device)
     model = model.to(device).to(memory_format=torch.channels_last)
     ema = make_ema(model, args.ema_decay)
+    step_model = wrap(model, info, device, sync_bn)
     decay, no_decay = [], []
     for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
@@ -501,7 +540,7 @@ def fit(args, data: Data, out: Path, device, dtype, t0: float) -> dict:
         best_auc, best_epoch, history = ckpt["best_auc"], ckpt["best_epoch"], ckpt["history"]
         print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
 
-    if args.preview and start_epoch == 1:
+    if args.preview and start_epoch == 1 and info.is_main:
         n = min(args.preview, len(data.train.labels))
         sample = torch.from_numpy(data.train.images[:n]).unsqueeze(1)
         save_preview(augment_batch(sample, aug, torch.Generator().manual_seed(args.seed)), out / "augment_preview.png")
@@ -509,28 +548,34 @@ def fit(args, data: Data, out: Path, device, dtype, t0: float) -> dict:
     eval_model = ema.module if ema is not None else model
     for epoch in range(start_epoch, args.epochs + 1):
         te = time.time()
-        train_loss, step = train_one_epoch(model, ema, optimizer, data.train, transform, aug, args, epoch, step, total_steps, class_weights, device, dtype)
-        val = evaluate(eval_model, data.val, transform, device, class_weights)
+        train_loss, step = train_one_epoch(model, ema, optimizer, data.train, transform, aug, args, epoch, step, total_steps,
+                                           class_weights, device, dtype, info, step_model)
+        val = evaluate(eval_model, data.val, transform, device, class_weights, info)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_auc": val["auc"],
                         "val_accuracy": val["accuracy"], "seconds": time.time() - te})
         improved = val["auc"] > best_auc
         if improved:
             best_auc, best_epoch = val["auc"], epoch
-            save_weights(eval_model, out / "best.safetensors", dtype=None)
+            if info.is_main:
+                save_weights(eval_model, out / "best.safetensors", dtype=None)
         print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  val loss {val['loss']:.4f}  val AUC {val['auc']:.4f}"
               f"{'  *' if improved else ''}  ({time.time() - te:.0f}s)", flush=True)
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch, "step": step, "best_auc": best_auc, "best_epoch": best_epoch, "history": history,
-            "args": args_to_dict(args),
-        })
+        if info.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch, "step": step, "best_auc": best_auc, "best_epoch": best_epoch, "history": history,
+                "args": args_to_dict(args),
+            })
         if args.patience and epoch - best_epoch >= args.patience:
             print(f"early stop: no better val AUC for {args.patience} epochs")
             break
 
-    return finish(out, config, data, transform, device, history, best_epoch, args, time.time() - t0,
-                  trained_now=start_epoch <= args.epochs)
+    metrics = None
+    if info.is_main:
+        metrics = finish(out, config, data, transform, device, history, best_epoch, args, time.time() - t0,
+                         trained_now=start_epoch <= args.epochs)
+    return info.broadcast(metrics)
 
 
 MIN_PER_CLASS_TO_CALIBRATE = 10
