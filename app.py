@@ -9,17 +9,20 @@ default the bundled ``model/``. Scripts call the same endpoint::
 """
 from __future__ import annotations
 
-import os
-import threading
 import time
-from collections import Counter
-from pathlib import Path
 
-import gradio as gr
-from gradio.utils import get_upload_folder
+_STARTED = time.perf_counter()  # before the heavy imports, for the start-up line
 
-from bonefrac import FracturePredictor, ImageDecodeError, load_image
-from bonefrac.imaging import IMAGE_EXTENSIONS
+import os  # noqa: E402
+import threading  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
+
+from bonefrac import FracturePredictor, ImageDecodeError, load_image  # noqa: E402
+from bonefrac.imaging import IMAGE_EXTENSIONS  # noqa: E402
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_FILE_SIZE = "30mb"
@@ -186,10 +189,20 @@ def build_demo(predictor: FracturePredictor) -> gr.Blocks:
 
 
 def main() -> None:
+    imported = time.perf_counter() - _STARTED
+    t = time.perf_counter()
     predictor = FracturePredictor.from_pretrained(os.environ.get("BONEFRAC_MODEL") or None)
+    loaded = time.perf_counter() - t
+    # Before the server listens: the first user gets the same latency as every later one.
+    warmed = predictor.warm_up()
+    t = time.perf_counter()
     demo = build_demo(predictor)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), max_file_size=MAX_FILE_SIZE, show_error=True)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), max_file_size=MAX_FILE_SIZE, show_error=True,
+                prevent_thread_lock=True)
+    print(f"bonefrac: ready in {time.perf_counter() - _STARTED:.1f} s (imports {imported:.1f} s, model {loaded:.1f} s, "
+          f"warm-up {warmed:.1f} s, server {time.perf_counter() - t:.1f} s); {predictor!r}", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

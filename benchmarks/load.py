@@ -50,9 +50,13 @@ class Server:
                "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "BONEFRAC_UPLOAD_GRACE_S": str(GRACE_S)}
         if model:
             env["BONEFRAC_MODEL"] = model
-        self.log = tempfile.TemporaryFile()
+        self.log_path = Path(tempfile.mkstemp(prefix="bonefrac-app-", suffix=".log")[1])
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as log:  # append mode: our reads never move the app's write position
+            self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def first_answer(self, image: Path, timeout: float = 180) -> float:
         """Seconds from spawn to the first answered predict request."""
@@ -61,8 +65,7 @@ class Server:
         deadline = time.time() + timeout
         while True:
             if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"app.py exited with {self.proc.returncode}: {self.log.read().decode()[-2000:]}")
+                raise RuntimeError(f"app.py exited with {self.proc.returncode}: {self.output()[-2000:]}")
             try:
                 Client(self.url, verbose=False).predict(handle_file(str(image)), api_name="/predict")
                 return time.perf_counter() - self.started
@@ -77,6 +80,7 @@ class Server:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log_path.unlink(missing_ok=True)
 
 
 def run(clients: int, requests: int, bad_every: int, model: str | None = None) -> dict:

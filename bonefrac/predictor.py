@@ -152,6 +152,16 @@ class FracturePredictor:
             image=decoded,
         )
 
+    def warm_up(self) -> float:
+        """Run one explanation on a blank image, so the first real request does not pay for the lazy
+        imports (pytorch-grad-cam pulls in scikit-learn and OpenCV, about a second) and the first-call
+        set-up of the convolution kernels. Returns the seconds it took."""
+        import time
+
+        t = time.perf_counter()
+        self.explain(Image.new("L", (self.config.input_size, self.config.input_size), 0))
+        return time.perf_counter() - t
+
     def __repr__(self) -> str:
         return f"FracturePredictor(labels={self.labels}, size={self.config.input_size}, threshold={self.config.threshold}, device={self.device})"
 

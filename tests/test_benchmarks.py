@@ -18,3 +18,14 @@ def test_training_benchmark_smoke(real_data, tmp_path):
     assert training_main(["--size", "32", "--images", "8", "--batch-size", "4", "--steps", "2", "--cache-dir", str(tmp_path / "cache"),
                           "--results", str(results)]) == 0
     assert "## Training throughput" in results.read_text() and "synthetic-data ceiling" in results.read_text()
+
+
+def test_startup_benchmark_smoke(real_data, tmp_path):
+    """The real app prints its start-up phases, and the benchmark reads them and times a first request."""
+    from benchmarks.startup import main as startup_main
+
+    results = tmp_path / "RESULTS.md"
+    assert startup_main(["--runs", "1", "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "## App start-up (CPU)" in text and "spawn -> first answered request" in text
+    assert "warm-up (grad-cam import" in text and "`import pytorch_grad_cam`" in text

@@ -148,3 +148,11 @@ def test_bundled_model_loads_and_predicts(good_images):
     probs = [p.predict(g)["fractured"] for g in good_images]
     assert all(0 <= x <= 1 for x in probs)
     assert len(set(np.round(probs, 4))) > 1  # not a constant
+
+
+def test_warm_up_leaves_answers_unchanged(tiny_model_dir, good_images):
+    p = FracturePredictor.from_pretrained(tiny_model_dir, device="cpu")
+    cold = p.explain(good_images[0])
+    assert p.warm_up() > 0
+    warm = p.explain(good_images[0])
+    assert warm.probabilities == cold.probabilities and np.array_equal(warm.heatmap, cold.heatmap)
