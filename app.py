@@ -134,6 +134,9 @@ def make_handlers(predictor: FracturePredictor):
         decision = (f"### {explanation.prediction.capitalize()}\n"
                     f"P({config.positive_label}) = {p:.1%}; the model calls **{config.positive_label}** at "
                     f"{config.threshold:.1%} or above ({_threshold_words(config)}).")
+        if explanation.warning:  # answered, but flagged where it cannot be missed
+            decision = f"> **Unlike the training data:** {explanation.warning}.\n\n{decision}"
+            gr.Warning(f"Unlike the training data: {explanation.warning}.")
         return explanation.probabilities, explanation.overlay, decision, (explanation.image, explanation.heatmap)
 
     def preview(upload):

@@ -47,3 +47,22 @@ def publish(path: Path | str | None, title: str, module: str, argv: list[str] | 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n"
     atomic_write_text(path, f"{old.rstrip()}\n\n## {title}, {stamp}\n\n`{command}`  \n{machine_line()}\n\n{table}")
+
+
+def installed_photos() -> list[Path]:
+    """Real colour photographs that ship inside installed packages (scikit-learn, matplotlib, gradio):
+    the offline stand-in for "a user uploads a photo instead of an X-ray"."""
+    import importlib.util
+
+    wanted = {"sklearn": ["datasets/images/china.jpg", "datasets/images/flower.jpg"],
+              "matplotlib": ["mpl-data/sample_data/grace_hopper.jpg"],
+              "gradio": ["media_assets/images/cheetah.jpg", "media_assets/images/cheetah1.jpg", "media_assets/images/lion.jpg",
+                         "media_assets/images/tower.jpg", "media_assets/images/groot.jpeg", "test_data/cheetah2.jpg"]}
+    found = []
+    for package, names in wanted.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            continue
+        root = Path(spec.origin).parent
+        found += [root / n for n in names if (root / n).is_file()]
+    return found

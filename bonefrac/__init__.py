@@ -4,7 +4,7 @@ Decision support only; not a medical device.
 """
 from .config import ModelConfig
 from .imaging import ImageDecodeError, load_image
-from .predictor import Explanation, FracturePredictor, Result
+from .predictor import Explanation, FracturePredictor, Result, UnlikeTrainingDataWarning
 
 __version__ = "0.1.0"
-__all__ = ["FracturePredictor", "ModelConfig", "Result", "Explanation", "ImageDecodeError", "load_image", "__version__"]
+__all__ = ["FracturePredictor", "ModelConfig", "Result", "Explanation", "ImageDecodeError", "load_image", "UnlikeTrainingDataWarning", "__version__"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .imaging import IMAGE_EXTENSIONS
 
-COLUMNS = ["path", "fractured", "not fractured", "prediction", "error"]
+COLUMNS = ["path", "fractured", "not fractured", "prediction", "error", "warning"]
 
 
 def collect_files(paths: list[Path]) -> list[Path]:
@@ -41,9 +41,10 @@ def predict_command(args: argparse.Namespace) -> int:
         for path, result in zip(files, results):
             if result.ok:
                 rows.append({"path": str(path), "fractured": f"{result.probabilities[pos]:.6f}",
-                             "not fractured": f"{result.probabilities[neg]:.6f}", "prediction": result.prediction, "error": ""})
+                             "not fractured": f"{result.probabilities[neg]:.6f}", "prediction": result.prediction, "error": "",
+                             "warning": result.warning or ""})
             else:
-                rows.append({"path": str(path), "fractured": "", "not fractured": "", "prediction": "", "error": result.error})
+                rows.append({"path": str(path), "fractured": "", "not fractured": "", "prediction": "", "error": result.error, "warning": ""})
             bar.update(1)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -55,10 +56,12 @@ def predict_command(args: argparse.Namespace) -> int:
         sys.stdout.write(buf.getvalue())
     errors = sum(bool(r["error"]) for r in rows)
     positives = sum(r["prediction"] == pos for r in rows)
+    unlike = sum(bool(r["warning"]) for r in rows)
     if not args.quiet:
         where = f" -> {args.csv}" if args.csv else ""
+        flagged = f"; {unlike} unlike the training data (see the warning column)" if unlike else ""
         print(f"{len(rows)} files: {positives} {pos}, {len(rows) - positives - errors} {neg}, {errors} unreadable "
-              f"(threshold {predictor.config.threshold:.3f}){where}", file=sys.stderr)
+              f"(threshold {predictor.config.threshold:.3f}){flagged}{where}", file=sys.stderr)
     return 0
 
 

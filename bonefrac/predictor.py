@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -14,18 +15,24 @@ from PIL import Image
 from .config import WEIGHTS_NAME, ModelConfig
 from .explain import gradcam, overlay, resize_heatmap
 from .hub import resolve_model_dir
-from .imaging import ImageDecodeError, ImageInput, load_image
+from .imaging import ImageDecodeError, ImageInput, load_image, unlike_training_data
 from .model import build_model, load_weights
 from .transforms import build_eval_transform
 
 
+class UnlikeTrainingDataWarning(UserWarning):
+    """The input does not look like the radiographs the model was trained on (a colour photograph, say)."""
+
+
 @dataclass
 class Result:
-    """One item of ``predict_batch``: probabilities and decision, or an error message."""
+    """One item of ``predict_batch``: probabilities and decision, or an error message; ``warning`` says
+    when the input is unlike the training data (the probabilities are then not to be trusted)."""
 
     probabilities: dict[str, float] | None = None
     prediction: str | None = None
     error: str | None = None
+    warning: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -39,6 +46,7 @@ class Explanation:
     heatmap: np.ndarray  # float32 (H, W) in [0, 1], at the original image's size
     overlay: Image.Image  # RGB, the original image with the heat map blended in
     image: Image.Image = field(repr=False)  # the decoded grayscale input
+    warning: str | None = None  # set when the input is unlike the training data (see UnlikeTrainingDataWarning)
 
 
 class FracturePredictor:
@@ -99,8 +107,11 @@ class FracturePredictor:
         return self._probabilities(logits)
 
     def predict(self, image: ImageInput) -> dict[str, float]:
-        """Probabilities for both labels; raises ImageDecodeError for an unusable input."""
-        _, tensor = self.preprocess(image)
+        """Probabilities for both labels; raises ImageDecodeError for an unusable input and warns
+        (UnlikeTrainingDataWarning) when the input does not look like a radiograph."""
+        decoded, tensor = self.preprocess(image)
+        if message := unlike_training_data(decoded):
+            warnings.warn(message, UnlikeTrainingDataWarning, stacklevel=2)
         return self.predict_tensors(tensor[None])[0]
 
     def predict_batch(self, items: Iterable[ImageInput], batch_size: int = 32, workers: int = 2) -> list[Result]:
@@ -113,11 +124,12 @@ class FracturePredictor:
         items = list(items)
         chunks = [items[i:i + batch_size] for i in range(0, len(items), max(1, batch_size))]
 
-        def prepare(item: ImageInput) -> torch.Tensor | str:
+        def prepare(item: ImageInput) -> tuple[torch.Tensor, str | None] | str:
             try:
-                return self.preprocess(item)[1]
+                decoded, tensor = self.preprocess(item)
             except ImageDecodeError as e:
                 return str(e)
+            return tensor, unlike_training_data(decoded)
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             upcoming = [pool.submit(prepare, x) for x in chunks[0]] if chunks else []
@@ -128,8 +140,8 @@ class FracturePredictor:
                 results = [Result(error=v) if isinstance(v, str) else None for v in values]
                 good = [i for i, v in enumerate(values) if not isinstance(v, str)]
                 if good:
-                    for i, p in zip(good, self.predict_tensors(torch.stack([values[i] for i in good]))):
-                        results[i] = Result(probabilities=p, prediction=self.decide(p))
+                    for i, p in zip(good, self.predict_tensors(torch.stack([values[i][0] for i in good]))):
+                        results[i] = Result(probabilities=p, prediction=self.decide(p), warning=values[i][1])
                 yield results
 
     def explain(self, image: ImageInput, alpha: float = 0.4, target: str | None = None) -> Explanation:
@@ -150,6 +162,7 @@ class FracturePredictor:
             heatmap=heatmap,
             overlay=overlay(decoded, heatmap, alpha),
             image=decoded,
+            warning=unlike_training_data(decoded),
         )
 
     def warm_up(self) -> float:
