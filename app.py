@@ -191,8 +191,28 @@ def build_demo(predictor: FracturePredictor) -> gr.Blocks:
     return demo
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX would; an explicit MALLOC_ARENA_MAX wins).
+
+    glibc gives each thread that allocates its own arena and keeps freed memory there; with Gradio's
+    worker threads decoding X-rays, the server's RSS rose by about 250 MB in the first hundred
+    requests of the load test and then stayed there (a plateau, not a leak). With two arenas it rose
+    by about 60-130 MB (benchmarks/RESULTS.md). No effect, and False, where the C library is not glibc."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-8, arenas))  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
 def main() -> None:
     imported = time.perf_counter() - _STARTED
+    limit_malloc_arenas()
     t = time.perf_counter()
     predictor = FracturePredictor.from_pretrained(os.environ.get("BONEFRAC_MODEL") or None)
     loaded = time.perf_counter() - t

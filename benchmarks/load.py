@@ -100,6 +100,7 @@ def run(clients: int, requests: int, bad_every: int, model: str | None = None) -
         latencies, unexpected, expected_errors, answered = [], [], 0, 0
         lock = threading.Lock()
         counter = iter(range(requests))
+        marks = {requests * q // 4: None for q in (1, 2, 3)}  # server RSS after each quarter: a leak grows, a cache levels off
 
         def worker():
             nonlocal expected_errors, answered
@@ -107,6 +108,8 @@ def run(clients: int, requests: int, bad_every: int, model: str | None = None) -
             while True:
                 with lock:
                     i = next(counter, None)
+                    if i in marks:
+                        marks[i] = rss_mb(server.proc.pid)
                 if i is None:
                     return
                 is_bad = bad_every and i % bad_every == bad_every - 1
@@ -145,15 +148,17 @@ def run(clients: int, requests: int, bad_every: int, model: str | None = None) -
     return {"clients": clients, "requests": requests, "good": n_good, "answered": answered, "expected_errors": expected_errors,
             "unexpected": unexpected, "p50_ms": statistics.median(latencies) * 1e3 if latencies else float("nan"), "p95_ms": q[18] * 1e3,
             "throughput": requests / wall, "rss_before_mb": rss_before, "rss_after_mb": rss_after, "uploads_left": len(uploads_left),
+            "rss_trace_mb": [rss_before, *[v for _, v in sorted(marks.items())], rss_after],
             "startup_s": startup}
 
 
 def table(r: dict) -> str:
+    trace = " / ".join(f"{v:.0f}" for v in r["rss_trace_mb"])
     return ("| clients | requests (good / bad) | answered | expected errors | unexpected errors | p50 | p95 | req/s | "
-            "server RSS after warm-up -> end | uploads left | start-up to first answer |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "server RSS (MB) after warm-up / each quarter / end | uploads left | start-up to first answer |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
             f"| {r['clients']} | {r['requests']} ({r['good']} / {r['requests'] - r['good']}) | {r['answered']} | {r['expected_errors']} | "
             f"{len(r['unexpected'])} | {r['p50_ms']:.0f} ms | {r['p95_ms']:.0f} ms | {r['throughput']:.1f} | "
-            f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} MB | {r['uploads_left']} | {r['startup_s']:.1f} s |\n")
+            f"{trace} | {r['uploads_left']} | {r['startup_s']:.1f} s |\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,15 +97,27 @@ def _one_line(e: BaseException) -> str:
 def decode_dicom(data: bytes, label: str = "image") -> Image.Image:
     """A single-frame DICOM image as the radiologist's viewer shows it: the modality LUT (rescale
     slope/intercept), then the VOI LUT or window centre/width, MONOCHROME1 inverted so bone is white;
-    then stretched to 8 bits like any high-bit-depth image. Messages never include patient data."""
+    then stretched to 8 bits like any high-bit-depth image. Messages never include patient data: header
+    errors name only the exception type, and pydicom's value validation (whose warnings and log lines
+    quote the offending values) is off while the file is read."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.config import disable_value_validation
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+
+    with disable_value_validation():
+        try:
+            return _dicom_to_gray(pydicom.dcmread(io.BytesIO(data)), label)
+        except ImageDecodeError:
+            raise
+        except (InvalidDicomError, BytesLengthException, NotImplementedError, AttributeError, RuntimeError, *_CORRUPT) as e:
+            # pydicom reads lazily, so a broken element can surface on any access, not only in dcmread.
+            raise ImageDecodeError(f"{label}: corrupt DICOM file ({type(e).__name__} while reading its header); "
+                                   "expected a single-frame radiograph") from None
+
+
+def _dicom_to_gray(ds, label: str) -> Image.Image:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, *_CORRUPT) as e:
-        raise ImageDecodeError(f"{label}: corrupt DICOM file ({_one_line(e)})") from None
     if "PixelData" not in ds:
         raise ImageDecodeError(f"{label}: DICOM file holds no image (no PixelData); expected a radiograph")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
