@@ -151,8 +151,11 @@ def test_load_16_clients_mixed_inputs_on_the_real_app(real_data, tmp_path):
     """`python app.py` for real; 16 gradio_client clients at once, good and bad files mixed."""
     from benchmarks.load import run
 
-    r = run(clients=16, requests=96, bad_every=4)
+    r = run(clients=16, requests=200, bad_every=4)
     assert r["unexpected"] == []
-    assert r["answered"] == r["good"] == 72 and r["expected_errors"] == 24
+    assert r["answered"] == r["good"] == 150 and r["expected_errors"] == 50
     assert r["uploads_left"] == 0
-    assert r["rss_after_mb"] - r["rss_before_mb"] < 300  # no growth per request (hooks, tensors, files)
+    # Memory: the allocator settles within the first quarter; after that a leak (hooks, tensors, files)
+    # would keep growing with every request. Measured: +100-150 MB, then level (README, benchmarks.load).
+    before, *quarters, end = r["rss_trace_mb"]
+    assert end - before < 300 and max(quarters[1:] + [end]) - quarters[0] < 150, r["rss_trace_mb"]
