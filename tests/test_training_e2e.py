@@ -103,6 +103,13 @@ def test_tiny_training_run_exports_a_loadable_model(real_data, tmp_path, good_im
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
 
+    # Fine-tuning from the run keeps the run's split (other fractions would split differently), so the
+    # images the starting weights were trained on never reach val/test.
+    train_main(_args(real_data, tmp_path / "resplit", test_fraction=0.4, preview=0))
+    assert (tmp_path / "resplit" / "split.csv").read_text() != (run / "split.csv").read_text()
+    train_main(_args(real_data, tmp_path / "tuned", init=str(run), test_fraction=0.4, preview=0))
+    assert (tmp_path / "tuned" / "split.csv").read_text() == (run / "split.csv").read_text()
+
     model_dir = export_run(run, tmp_path / "model")
     assert sorted(p.name for p in model_dir.iterdir() if not p.name.endswith(".png")) == ["README.md", "config.json", "model.safetensors"]
     card = ModelCard.load(model_dir / "README.md")

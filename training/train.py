@@ -52,6 +52,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/bonefrac"), help="decoded-image cache ('' disables)")
     p.add_argument("--size", type=int, default=224, help="input size (square)")
     p.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "lanczos", "nearest"])
+    p.add_argument("--split", type=Path, default=None, metavar="SPLIT_CSV", help="use the split another run recorded (its "
+                   "split.csv): a model fine-tuned from that run (--init RUN) must not meet its training images in val/test")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--leaks", choices=["drop-train", "drop-test", "keep"], default="drop-train",
@@ -421,6 +423,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def main(args: argparse.Namespace) -> dict:
     t0 = time.time()
     parse_threshold_rule(args.threshold_rule)  # fail before any work
+    if args.split is None and args.init not in ("scratch", "imagenet") and (Path(args.init) / "split.csv").is_file() and not args.kfold:
+        args.split = Path(args.init) / "split.csv"  # fine-tuning a run: its training images must stay out of val/test
+        print(f"note: using the split of the run fine-tuned from ({args.split}); --split overrides")
+    if args.split is not None and (args.kfold or not Path(args.split).is_file()):
+        raise SystemExit(f"error: --split {args.split}: " + ("not with --kfold" if args.kfold else "no such file (a run's split.csv)"))
     info, ddp_device = setup(args.device)
     try:
         if args.batch_size % info.world:
@@ -439,8 +446,8 @@ def main(args: argparse.Namespace) -> dict:
         pool = pool or load_pool(args, transform)
         if args.kfold:
             return run_kfold(args, pool, out, device, dtype, t0, info)
-        split_csv = out / "split.csv"
-        splits = read_split_csv(split_csv, pool) if args.resume and split_csv.exists() else default_splits(args, pool)
+        split_csv = out / "split.csv" if args.resume and (out / "split.csv").exists() else args.split
+        splits = read_split_csv(split_csv, pool) if split_csv else default_splits(args, pool)
         data = make_data(args, pool, splits)
         return fit(args, data, out, device, dtype, t0, info)
     finally:
