@@ -195,9 +195,10 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX would; an explicit MALLOC_ARENA_MAX wins).
 
     glibc gives each thread that allocates its own arena and keeps freed memory there; with Gradio's
-    worker threads decoding X-rays, the server's RSS rose by about 250 MB in the first hundred
-    requests of the load test and then stayed there (a plateau, not a leak). With two arenas it rose
-    by about 60-130 MB (benchmarks/RESULTS.md). No effect, and False, where the C library is not glibc."""
+    worker threads decoding X-rays, the server's RSS rose by 250-310 MB in the first ~150 requests
+    of the load test and then stayed level (a plateau, not a leak); with two arenas, by 130-160 MB at
+    the same latency (README, benchmarks/RESULTS.md). No effect, and False, where the C library is
+    not glibc."""
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False
     import ctypes
