@@ -153,3 +153,26 @@ def test_hand_edited_card_on_the_hub_is_kept():
     assert "README.md" in upload_patterns(edited, overwrite_card=True)[0]
     assert upload_patterns(card, overwrite_card=False) == (["model.safetensors", "config.json", "README.md", "*.png"], None)
     assert upload_patterns(None, overwrite_card=False)[1] is None  # a new repo
+
+
+def test_make_data_counts_groups_under_both_labels(tmp_path):
+    """The report's count of duplicate groups holding both labels (vectorised; pinned on a made-up pool)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from training.audit import HASH_WORDS
+    from training.data import DecodedSet, Sample
+    from training.train import Pool, make_data
+
+    labels = [1, 0, 1, 0, 0, 1, 0, 0]
+    splits = np.array(["train", "train", "train", "val", "test", "train", "val", "test"], dtype=object)
+    samples = [Sample(Path(f"/x/{i}.png"), y, "ds") for i, y in enumerate(labels)]
+    rng = np.random.default_rng(0)  # random 256-bit hashes lie ~128 bits apart: no near copies
+    decoded = DecodedSet(samples, np.zeros((8, 4, 4), np.uint8), [f"sha{i}" for i in range(8)],
+                         rng.integers(0, 2**63, (8, 8, HASH_WORDS), dtype=np.int64).astype(np.uint64), [])
+    groups = np.array([0, 0, 1, 2, 3, 4, 4, 5])  # groups 0 and 4 hold both labels (4 straddles train/val)
+    args = get_args_parser().parse_args(["--data", "x", "--output-dir", str(tmp_path), "--leaks", "keep"])
+    report = make_data(args, Pool(decoded, np.ones(8, bool), groups, {}), splits).report
+    assert report["groups_under_both_labels"] == 2 and report["images_in_groups_under_both_labels"] == 4
+    assert report["counts"]["train"] == {"not fractured": 1, "fractured": 3}

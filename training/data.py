@@ -28,6 +28,8 @@ from bonefrac.config import NEGATIVE_LABEL, POSITIVE_LABEL, atomic_write_text
 from bonefrac.imaging import IMAGE_EXTENSIONS, ImageDecodeError, decode_bytes
 from bonefrac.transforms import EvalTransform
 
+from .audit import HASH_WORDS
+
 LABELS = (NEGATIVE_LABEL, POSITIVE_LABEL)  # index 0, 1: the order of the model's outputs
 _ALIASES = {
     POSITIVE_LABEL: {"fractured", "fracture", "fractures", "broken", "positive", "abnormal", "yes", "1"},
@@ -304,7 +306,7 @@ def decode_samples(samples: list[Sample], transform: EvalTransform, interpolatio
         blank = np.zeros((transform.size, transform.size), np.uint8)
         images = np.stack([o[1] if o[1] is not None else blank for o in out]) if out else np.zeros((0, transform.size, transform.size), np.uint8)
         digests = [o[2] for o in out]
-        phashes = np.stack([o[3] for o in out]).astype(np.uint64) if out else np.zeros((0, 8, 1), np.uint64)
+        phashes = np.stack([o[3] for o in out]).astype(np.uint64) if out else np.zeros((0, 8, HASH_WORDS), np.uint64)
         if cache_file:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(".tmp.npz")

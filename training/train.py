@@ -196,7 +196,8 @@ def read_split_csv(path: Path, pool: Pool) -> np.ndarray:
     with path.open(newline="", encoding="utf-8") as f:
         recorded = {row["path"]: row["split"] for row in csv.DictReader(f)}
     paths = [str(s.path) for s in pool.decoded.samples]
-    missing = [p for p in recorded if p not in set(paths)]
+    known = set(paths)
+    missing = [p for p in recorded if p not in known]
     if missing:
         raise SystemExit(f"error: {path} lists {len(missing)} images that are not in the data now (e.g. {missing[0]}); "
                          "the run was made on other data")
@@ -215,6 +216,7 @@ def make_data(args, pool: Pool, splits: np.ndarray) -> Data:
     """Splits -> Data, after a leakage audit of them; ``args.leaks`` says which side of a leak is
     dropped (training copies, or the val/test images) or that it is kept; the numbers are reported."""
     d = pool.decoded
+    labels = d.labels  # a property that builds the array: once
     train, val, test = (np.flatnonzero(splits == name) for name in ("train", "val", "test"))
     if len(val) == 0 or len(test) == 0:
         raise SystemExit("error: no validation or test images; give --data a dataset with val/test folders or non-zero --val-fraction/--test-fraction")
@@ -246,11 +248,13 @@ def make_data(args, pool: Pool, splits: np.ndarray) -> Data:
               "(--leaks keep keeps them, --leaks drop-test drops the val/test side instead)", file=sys.stderr)
         train = train[~train_copies]
     used = np.concatenate([train, val, test])
-    both = [g for g in np.unique(pool.groups[used]) if len(np.unique(d.labels[used][pool.groups[used] == g])) > 1]
+    group_label = np.unique(np.stack([pool.groups[used], labels[used]]), axis=1)  # distinct (group, label) pairs
+    ids, n_labels = np.unique(group_label[0], return_counts=True)
+    both = ids[n_labels > 1]
     conflicting = int(np.isin(pool.groups[used], both).sum())
-    if both:
+    if len(both):
         print(f"note: {len(both)} duplicate groups ({conflicting} images) appear under both labels", file=sys.stderr)
-    counts = {name: {LABELS[c]: int((d.labels[idx] == c).sum()) for c in (0, 1)} for name, idx in (("train", train), ("val", val), ("test", test))}
+    counts = {name: {LABELS[c]: int((labels[idx] == c).sum()) for c in (0, 1)} for name, idx in (("train", train), ("val", val), ("test", test))}
     for name, c in counts.items():
         print(f"  {name:5s}: {sum(c.values()):5d} images  {c}")
     report = {**pool.report, "counts": counts, "leaks": leaks, "leaks_dropped_from_train": dict(by_dataset) if args.leaks == "drop-train" else {},
